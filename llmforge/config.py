@@ -1,0 +1,147 @@
+"""Typed schemas for every Hydra config group, registered in Hydra's ConfigStore.
+
+`conf/train.yaml` starts its defaults list with ``train_schema``, so every composed run is checked against
+these dataclasses: a misspelt key or a value of the wrong type fails at composition and names the key.
+Values drawn from a fixed set are checked by `validate`, which names the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from llmforge.models.transformer import TransformerConfig
+
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true")
+STRATEGIES = ("auto", "ddp", "fsdp")
+SCHEDULES = ("cosine", "linear", "constant")
+ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+
+
+@dataclass
+class ObjectiveConfig:
+    _target_: str = "llmforge.objectives.clm.CausalLM"
+    name: str = "clm"
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/demo"
+    seq_len: int = 256
+    batch_size: int = 8  # per device, per micro-step
+    num_workers: int = 0
+    seed: int = 1234
+    shuffle: bool = True
+    overfit_samples: int = 0  # > 0: train on the first N windows only (debugging)
+
+
+@dataclass
+class PrecisionConfig:
+    value: str = "32-true"
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "auto"
+    find_unused_parameters: bool = False
+    reshard_after_forward: bool = True  # fsdp
+
+
+@dataclass
+class HardwareConfig:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    tune_malloc: bool = True  # keep freed memory in glibc's heap (CPU training is faster)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    decay_steps: Optional[int] = None  # None: trainer.max_steps
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = 1.0
+    val_check_interval: int = 200
+    limit_val_batches: int = 20
+    log_every_n_steps: int = 10
+    ckpt_every_n_steps: int = 500
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    name: str = "${objective.name}-${model.name}"
+    run_dir: str = "${hydra:runtime.output_dir}"
+    seed: int = 1234
+    resume: Optional[str] = None  # null | auto | path/to.ckpt
+    model: TransformerConfig = MISSING
+    objective: ObjectiveConfig = MISSING
+    data: DataConfig = MISSING
+    precision: PrecisionConfig = MISSING
+    strategy: StrategyConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    optim: OptimConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: Any = None
+    callbacks: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 8192
+    num_sentinels: int = 100
+    min_frequency: int = 2
+    sample_documents: int = 100_000  # trained on the first N documents of the (deterministic) corpus
+
+
+@dataclass
+class PrepareConfig:
+    input: str = "stdlib"  # "stdlib" (embedded default) or a glob of text files
+    output_dir: str = "data/demo"
+    val_fraction: float = 0.02
+    shard_tokens: int = 1 << 26
+    force: bool = False
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def validate(cfg: Any) -> None:
+    """Checks the composed train config beyond types: choices and cross-field rules."""
+    check_choice("precision.value", cfg.precision.value, PRECISIONS)
+    check_choice("strategy.name", cfg.strategy.name, STRATEGIES)
+    check_choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
+    check_choice("hardware.accelerator", cfg.hardware.accelerator, ACCELERATORS)
+    if cfg.optim.name != "adamw":
+        raise ValueError(f"optim.name={cfg.optim.name!r} is not one of adamw")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    if cfg.trainer.max_steps <= 0:
+        raise ValueError(f"trainer.max_steps must be positive, got {cfg.trainer.max_steps}")
+    if cfg.precision.value == "16-mixed" and cfg.hardware.accelerator == "cpu":
+        raise ValueError("precision.value='16-mixed' needs a GPU; on CPU use bf16-mixed or bf16-true")
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="prepare_schema", node=PrepareConfig)

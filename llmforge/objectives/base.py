@@ -1,0 +1,123 @@
+"""What every objective shares: optimizer, LR schedule, logging, validation, FSDP wrapping."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from llmforge.config import OptimConfig
+from llmforge.models.transformer import Block, TransformerConfig
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak LR at optimizer step `step`: linear warmup, then cosine/linear/constant."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    if schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "linear":
+        decay = 1.0 - progress
+    else:
+        raise ValueError(f"optim.schedule={schedule!r} is not one of cosine, linear, constant")
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matmul weights only: none on norms, biases and embeddings."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class PretrainModule(L.LightningModule):
+    """Base LightningModule. Subclasses give `build_model`, `collate_fn` and `loss`."""
+
+    def __init__(self, model: dict, optim: dict, special_tokens: dict[str, int], name: str = "") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_cfg = TransformerConfig(**model)
+        self.optim_cfg = OptimConfig(**optim)
+        self.special_tokens = dict(special_tokens)
+        self.model = self.build_model()
+        self.val_loss = MeanMetric()
+
+    # -- what an objective defines -------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError  # abstract: each objective builds its network
+
+    def collate_fn(self) -> Callable[[list[dict]], dict]:
+        raise NotImplementedError  # abstract: each objective owns its collate function
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        """(mean loss over scored tokens, number of scored tokens, extra metrics)."""
+        raise NotImplementedError  # abstract
+
+    # -- shared training logic -------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, _, extra = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach().float().clamp(max=30)))
+        for key, value in extra.items():
+            self.log(f"train/{key}", value)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, n_tokens, _ = self.loss(batch)
+        self.val_loss.update(loss.detach().float(), weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count == 0:
+            return
+        value = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", value, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(value.clamp(max=30)), sync_dist=False)
+
+    def total_steps(self) -> int:
+        if self.optim_cfg.decay_steps:
+            return self.optim_cfg.decay_steps
+        return int(self.trainer.max_steps) if self.trainer.max_steps > 0 else 0
+
+    def configure_optimizers(self) -> dict:
+        o = self.optim_cfg
+        optimizer = torch.optim.AdamW(
+            param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
+        )
+        factor = partial(
+            lr_factor, warmup=o.warmup_steps, total=self.total_steps(), schedule=o.schedule,
+            min_ratio=o.min_lr_ratio,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_model(self) -> None:
+        """Under `strategy=fsdp` (ModelParallelStrategy): FSDP2 `fully_shard` per block, then the root."""
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        reshard = bool(getattr(self, "fsdp_reshard_after_forward", True))
+        dp_mesh = mesh["data_parallel"]
+        for module in self.model.modules():
+            if isinstance(module, Block):
+                fully_shard(module, mesh=dp_mesh, reshard_after_forward=reshard)
+        fully_shard(self.model, mesh=dp_mesh, reshard_after_forward=reshard)

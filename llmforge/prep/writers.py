@@ -1,0 +1,72 @@
+"""Tokenize documents and write them as a token-shard dataset (format: `llmforge.data.shards`)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from llmforge.data.shards import TOKENIZER_FILE, SplitWriter, sha256_file, write_manifest
+from llmforge.prep.tokenizer import special_token_ids
+
+
+def is_validation(doc_id: str, text: str, fraction: float) -> bool:
+    """Deterministic split by content hash: the same document always lands in the same split."""
+    digest = hashlib.sha256(f"{doc_id}\0{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def batched(items: Iterable, n: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+def write_token_dataset(
+    documents: Iterable[tuple[str, str]],
+    tokenizer: Tokenizer,
+    out_dir: Path,
+    *,
+    val_fraction: float = 0.01,
+    shard_tokens: int = 1 << 26,
+    batch_size: int = 256,
+    source: dict | None = None,
+    config_hash: str | None = None,
+) -> dict:
+    """Encode (id, text) documents in batches, route them to train/val by hash, write shards + manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok_path = out_dir / TOKENIZER_FILE
+    tokenizer.save(str(tok_path))
+    specials = special_token_ids(tokenizer)
+    vocab = tokenizer.get_vocab_size()
+    writers = {
+        split: SplitWriter(out_dir, split, vocab, specials["eos"], shard_tokens) for split in ("train", "val")
+    }
+    for chunk in batched(documents, batch_size):
+        encodings = tokenizer.encode_batch([text for _, text in chunk], add_special_tokens=False)
+        for (doc_id, text), enc in zip(chunk, encodings, strict=True):
+            split = "val" if is_validation(doc_id, text, val_fraction) else "train"
+            writers[split].add(enc.ids)
+    return write_manifest(
+        out_dir,
+        vocab_size=vocab,
+        special_tokens=specials,
+        tokenizer_sha256=sha256_file(tok_path),
+        splits={split: w.summary() for split, w in writers.items()},
+        source=source,
+        config_hash=config_hash,
+    )
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished output directory into place; the old one is removed only after tmp is complete."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
