@@ -8,7 +8,7 @@ Values drawn from a fixed set are checked by `validate`, which names the key and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -68,14 +68,14 @@ class OptimConfig:
     schedule: str = "cosine"
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
-    decay_steps: Optional[int] = None  # None: trainer.max_steps
+    decay_steps: int | None = None  # None: trainer.max_steps
 
 
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
     accumulate_grad_batches: int = 1
-    gradient_clip_val: Optional[float] = 1.0
+    gradient_clip_val: float | None = 1.0
     val_check_interval: int = 200
     limit_val_batches: int = 20
     log_every_n_steps: int = 10
@@ -89,7 +89,7 @@ class TrainConfig:
     name: str = "${objective.name}-${model.name}"
     run_dir: str = "${hydra:runtime.output_dir}"
     seed: int = 1234
-    resume: Optional[str] = None  # null | auto | path/to.ckpt
+    resume: str | None = None  # null | auto | path/to.ckpt
     model: TransformerConfig = MISSING
     objective: ObjectiveConfig = MISSING
     data: DataConfig = MISSING

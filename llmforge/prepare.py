@@ -23,7 +23,9 @@ register()
 
 
 def config_hash(cfg: DictConfig) -> str:
-    return hashlib.sha256(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True).encode()
+    ).hexdigest()
 
 
 def prepare(cfg: DictConfig) -> Path:
@@ -50,7 +52,11 @@ def prepare(cfg: DictConfig) -> Path:
     )
     t1 = time.perf_counter()
     manifest = write_token_dataset(
-        docs, tokenizer, tmp, val_fraction=cfg.val_fraction, shard_tokens=cfg.shard_tokens,
+        docs,
+        tokenizer,
+        tmp,
+        val_fraction=cfg.val_fraction,
+        shard_tokens=cfg.shard_tokens,
         source={"input": cfg.input, "documents": len(docs), "characters": sum(len(x) for _, x in docs)},
         config_hash=digest,
     )
@@ -58,7 +64,7 @@ def prepare(cfg: DictConfig) -> Path:
     t2 = time.perf_counter()
     for split, info in manifest["splits"].items():
         print(f"{split:5s} {info['documents']:7d} documents {info['tokens']:10d} tokens")
-    print(f"tokenizer: vocab {manifest['vocab_size']} trained in {t1 - t0:.1f}s; shards written in {t2 - t1:.1f}s")
+    print(f"tokenizer: vocab {manifest['vocab_size']} in {t1 - t0:.1f}s; shards written in {t2 - t1:.1f}s")
     print(f"dataset    {out}")
     return out
 

@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from llmforge.callbacks import RunManifest
@@ -56,7 +56,13 @@ def build_module(cfg: DictConfig, data_manifest: dict) -> PretrainModule:
             "set model.vocab_size=null to take it from the data"
         )
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    module = instantiate(cfg.objective, model=model, optim=optim, special_tokens=data_manifest["special_tokens"])
+    module = instantiate(
+        cfg.objective,
+        model=model,
+        optim=optim,
+        special_tokens=data_manifest["special_tokens"],
+        _convert_="all",
+    )
     if not isinstance(module, PretrainModule):
         raise TypeError(f"objective._target_={cfg.objective._target_} is not a PretrainModule")
     module.fsdp_reshard_after_forward = cfg.strategy.reshard_after_forward
@@ -69,8 +75,9 @@ def build_strategy(cfg: DictConfig) -> Any:
         from lightning.pytorch.strategies import DDPStrategy
 
         backend = "gloo" if cfg.hardware.accelerator == "cpu" else None
-        return DDPStrategy(find_unused_parameters=cfg.strategy.find_unused_parameters,
-                           process_group_backend=backend)
+        return DDPStrategy(
+            find_unused_parameters=cfg.strategy.find_unused_parameters, process_group_backend=backend
+        )
     if name == "fsdp":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -80,7 +87,7 @@ def build_strategy(cfg: DictConfig) -> Any:
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     callbacks = []
-    for name, spec in (cfg.callbacks or {}).items():
+    for spec in (cfg.callbacks or {}).values():
         if spec is None:
             continue
         cb = instantiate(spec)
@@ -120,9 +127,14 @@ def run(cfg: DictConfig) -> RunResult:
 
     module = build_module(cfg, data_manifest)
     datamodule = ShardDataModule(
-        path=cfg.data.path, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size,
-        collate_fn=module.collate_fn(), num_workers=cfg.data.num_workers, seed=cfg.data.seed,
-        shuffle=cfg.data.shuffle, overfit_samples=cfg.data.overfit_samples,
+        path=cfg.data.path,
+        seq_len=cfg.data.seq_len,
+        batch_size=cfg.data.batch_size,
+        collate_fn=module.collate_fn(),
+        num_workers=cfg.data.num_workers,
+        seed=cfg.data.seed,
+        shuffle=cfg.data.shuffle,
+        overfit_samples=cfg.data.overfit_samples,
     )
     logger = instantiate(cfg.logger) if cfg.logger and "_target_" in cfg.logger else False
     t = cfg.trainer
@@ -162,5 +174,7 @@ def run(cfg: DictConfig) -> RunResult:
             shutil.copyfile(step_ckpt, last.with_suffix(".tmp"))
             last.with_suffix(".tmp").replace(last)
     trainer.strategy.barrier()
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
+    }
     return RunResult(run_dir, last, trainer.global_step, metrics)

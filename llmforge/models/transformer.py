@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +24,12 @@ class TransformerConfig:
     """Shape of the model. ``vocab_size=None`` means: take it from the data's manifest."""
 
     name: str = "custom"
-    vocab_size: Optional[int] = None
+    vocab_size: int | None = None
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
-    n_kv_heads: Optional[int] = None  # None: as many as n_heads (plain multi-head attention)
-    ffn_hidden: Optional[int] = None  # None: 8/3 * d_model rounded up to `multiple_of`
+    n_kv_heads: int | None = None  # None: as many as n_heads (plain multi-head attention)
+    ffn_hidden: int | None = None  # None: 8/3 * d_model rounded up to `multiple_of`
     multiple_of: int = 64
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
@@ -42,7 +41,9 @@ class TransformerConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
-            raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}")
+            raise ValueError(
+                f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head dimension {self.head_dim} must be even for RoPE")
 

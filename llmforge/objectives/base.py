@@ -102,7 +102,10 @@ class PretrainModule(L.LightningModule):
             param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
         )
         factor = partial(
-            lr_factor, warmup=o.warmup_steps, total=self.total_steps(), schedule=o.schedule,
+            lr_factor,
+            warmup=o.warmup_steps,
+            total=self.total_steps(),
+            schedule=o.schedule,
             min_ratio=o.min_lr_ratio,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -46,11 +46,16 @@ def write_token_dataset(
     writers = {
         split: SplitWriter(out_dir, split, vocab, specials["eos"], shard_tokens) for split in ("train", "val")
     }
-    for chunk in batched(documents, batch_size):
-        encodings = tokenizer.encode_batch([text for _, text in chunk], add_special_tokens=False)
-        for (doc_id, text), enc in zip(chunk, encodings, strict=True):
-            split = "val" if is_validation(doc_id, text, val_fraction) else "train"
-            writers[split].add(enc.ids)
+    # Text that happens to spell "<eos>" or "<mask>" is text: never let it become a special id.
+    was, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True
+    try:
+        for chunk in batched(documents, batch_size):
+            encodings = tokenizer.encode_batch([text for _, text in chunk], add_special_tokens=False)
+            for (doc_id, text), enc in zip(chunk, encodings, strict=True):
+                split = "val" if is_validation(doc_id, text, val_fraction) else "train"
+                writers[split].add(enc.ids)
+    finally:
+        tokenizer.encode_special_tokens = was
     return write_manifest(
         out_dir,
         vocab_size=vocab,

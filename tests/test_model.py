@@ -1,0 +1,251 @@
+"""The transformer: shapes, causality, exact parameter counts, presets, FLOPs, init and RoPE."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from llmforge.models.transformer import (
+    Transformer,
+    TransformerConfig,
+    apply_rope,
+    flops_per_token,
+    num_params,
+    rope_cache,
+)
+
+MODEL_CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
+
+
+def small(**overrides) -> TransformerConfig:
+    base = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)
+    base.update(overrides)
+    return TransformerConfig(**base)
+
+
+def build(cfg: TransformerConfig, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(cfg).eval()
+
+
+CONFIGS = {
+    "mha": small(),
+    "gqa": small(n_heads=8, n_kv_heads=2),
+    "mqa": small(n_heads=4, n_kv_heads=1),
+    "tied": small(tie_embeddings=True),
+    "tied_gqa": small(n_heads=8, n_kv_heads=4, tie_embeddings=True, n_layers=3),
+    "ffn_hidden": small(ffn_hidden=72, d_model=48, n_heads=6),
+    "multiple_of": small(d_model=40, n_heads=5, multiple_of=16),
+}
+
+
+# -- shapes and causality --------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mha", "gqa", "tied"])
+def test_output_shape_and_dtype(name):
+    cfg = CONFIGS[name]
+    model = build(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 17))
+    with torch.no_grad():
+        logits = model(tokens)
+    assert logits.shape == (3, 17, cfg.vocab_size)
+    assert logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+
+
+def test_backward_reaches_every_parameter():
+    model = build(CONFIGS["gqa"]).train()
+    tokens = torch.randint(0, 97, (2, 9))
+    model(tokens).float().logsumexp(-1).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa", "mqa", "tied"])
+@pytest.mark.parametrize("cut", [1, 7, 15])
+def test_causality(name, cut):
+    """Changing tokens at positions >= cut never changes the logits at positions < cut."""
+    cfg = CONFIGS[name]
+    model = build(cfg)
+    g = torch.Generator().manual_seed(cut)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+    changed = tokens.clone()
+    shift = 1 + torch.randint(0, cfg.vocab_size - 1, (2, 16 - cut), generator=g)
+    changed[:, cut:] = (tokens[:, cut:] + shift) % cfg.vocab_size
+    assert (changed[:, cut:] != tokens[:, cut:]).all()
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :cut], b[:, :cut], atol=1e-6, rtol=0)
+    # and the test could fail: the changed positions themselves do see the change
+    assert not torch.allclose(a[:, cut:], b[:, cut:], atol=1e-4)
+
+
+def test_prefix_logits_equal_shorter_sequence():
+    """Logits of a prefix do not depend on the sequence length it is run with (RoPE cache slice, mask)."""
+    model = build(CONFIGS["gqa"])
+    tokens = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full, prefix = model(tokens), model(tokens[:, :11])
+    torch.testing.assert_close(full[:, :11], prefix, atol=1e-5, rtol=0)
+
+
+def test_sequence_longer_than_max_seq_len_raises():
+    model = build(small(max_seq_len=8))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+# -- parameter counts ------------------------------------------------------------------------------
+def unique_param_count(module: torch.nn.Module) -> int:
+    seen: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_num_params_matches_module(name):
+    cfg = CONFIGS[name]
+    model = build(cfg)
+    assert num_params(cfg) == unique_param_count(model)
+    assert num_params(cfg, include_embedding=False) == unique_param_count(model) - model.embed.weight.numel()
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = build(CONFIGS["tied"])
+    assert model.head.weight is model.embed.weight
+    untied = build(CONFIGS["mha"])
+    assert num_params(CONFIGS["mha"]) - num_params(CONFIGS["tied"]) == 97 * 32
+    assert unique_param_count(untied) - unique_param_count(model) == 97 * 32
+
+
+def test_gqa_shrinks_only_the_kv_projection():
+    mha, gqa = small(n_heads=8), small(n_heads=8, n_kv_heads=2)
+    head_dim = 32 // 8
+    # K and V each lose (8 - 2) heads of head_dim columns per layer
+    assert num_params(mha) - num_params(gqa) == 2 * 2 * (8 - 2) * head_dim * 32
+    assert build(gqa).blocks[0].attn.qkv.weight.shape == (32 + 2 * 2 * head_dim, 32)
+
+
+def test_num_params_needs_vocab():
+    with pytest.raises(ValueError, match="vocab_size"):
+        num_params(TransformerConfig(vocab_size=None))
+    with pytest.raises(ValueError, match="vocab_size"):
+        Transformer(TransformerConfig(vocab_size=None))
+
+
+PRESETS = {"125m": 125e6, "350m": 350e6, "1b": 1e9, "3b": 3e9, "7b": 7e9}
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_match_their_names_on_meta(preset):
+    raw = OmegaConf.to_container(OmegaConf.load(MODEL_CONF / f"{preset}.yaml"), resolve=True)
+    cfg = TransformerConfig(**raw)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    count = unique_param_count(model)
+    assert count == num_params(cfg)
+    target = PRESETS[preset]
+    assert abs(count - target) / target < 0.10, f"{preset}: {count / 1e6:.1f}M parameters"
+
+
+# -- FLOPs -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mha", "gqa", "tied"])
+def test_flops_per_token(name):
+    cfg = CONFIGS[name]
+    non_embedding = num_params(cfg, include_embedding=False)
+    f512, f1024 = flops_per_token(cfg, 512), flops_per_token(cfg, 1024)
+    assert f512 > 6 * non_embedding
+    assert f1024 > f512
+    # attention grows linearly in the context: 12 * n_layers * d_model per token per position
+    assert f1024 - f512 == pytest.approx(12 * cfg.n_layers * cfg.d_model * 512)
+    # the output head is a matmul, tied or not
+    head = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0  # counted in non_embedding if untied
+    assert flops_per_token(cfg, 0) == pytest.approx(6 * (non_embedding + head))
+
+
+def test_flops_tied_equals_untied():
+    """Tying removes parameters, not compute."""
+    assert flops_per_token(CONFIGS["tied"], 256) == flops_per_token(CONFIGS["mha"], 256)
+
+
+# -- initialisation --------------------------------------------------------------------------------
+def test_residual_projections_have_smaller_init():
+    cfg = small(vocab_size=500, d_model=128, n_heads=4, n_layers=4)
+    model = build(cfg)
+    residual = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    seen_residual = seen_plain = 0
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            assert torch.equal(p, torch.ones_like(p)), name
+            continue
+        std = p.detach().std().item()
+        if name.endswith(("attn.out.weight", "mlp.down.weight")):
+            seen_residual += 1
+            assert std == pytest.approx(residual, rel=0.1), name
+        else:
+            seen_plain += 1
+            assert std == pytest.approx(cfg.init_std, rel=0.1), name
+        assert abs(p.detach().mean().item()) < 0.1 * cfg.init_std, name
+    assert seen_residual == 2 * cfg.n_layers
+    assert seen_plain == 2 * cfg.n_layers + 2  # qkv, gate_up per block + embed + head
+
+
+def test_reset_parameters_is_seeded_and_restores_rope():
+    cfg = CONFIGS["gqa"]
+    a, b = build(cfg, seed=3), build(cfg, seed=3)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+    cos = a.rope_cos.clone()
+    a.rope_cos.zero_()
+    a.reset_parameters()
+    assert torch.equal(a.rope_cos, cos)
+
+
+# -- RoPE ------------------------------------------------------------------------------------------
+def test_rope_preserves_norms():
+    cos, sin = rope_cache(16, 32, 10000.0)
+    x = torch.randn(2, 3, 32, 16)
+    y = apply_rope(x, cos, sin)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(y[:, :, 1:], x[:, :, 1:], atol=1e-3)  # it does rotate
+    torch.testing.assert_close(y[:, :, 0], x[:, :, 0])  # position 0 is the identity
+
+
+def test_rope_dot_products_depend_only_on_relative_position():
+    cos, sin = rope_cache(8, 64, 10000.0)
+    q, k = torch.randn(8), torch.randn(8)
+
+    def score(m: int, n: int) -> float:
+        qm = apply_rope(q.view(1, 1, 1, 8), cos[m : m + 1], sin[m : m + 1]).flatten()
+        kn = apply_rope(k.view(1, 1, 1, 8), cos[n : n + 1], sin[n : n + 1]).flatten()
+        return float(qm @ kn)
+
+    assert score(5, 2) == pytest.approx(score(40, 37), abs=1e-4)
+    assert score(10, 10) == pytest.approx(float(q @ k), abs=1e-4)
+    assert score(5, 2) != pytest.approx(score(5, 4), abs=1e-3)
+
+
+# -- configuration errors --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(d_model=100, n_heads=3), "divisible"),
+        (dict(d_model=64, n_heads=4, n_kv_heads=3), "n_kv_heads"),
+        (dict(d_model=12, n_heads=4), "even"),  # head_dim 3: RoPE needs pairs
+    ],
+)
+def test_bad_configs_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TransformerConfig(vocab_size=10, **kwargs)
+
+
+def test_default_hidden_is_rounded_swiglu_width():
+    cfg = small(d_model=96, n_heads=4, multiple_of=64)
+    assert cfg.hidden == 256  # int(8 * 96 / 3) = 256
+    cfg = small(d_model=104, n_heads=4, multiple_of=64)
+    assert cfg.hidden == 320  # int(8 * 104 / 3) = 277, rounded up to a multiple of 64

@@ -1,0 +1,131 @@
+"""End-to-end training on CPU with a real Lightning Trainer, real Hydra configs, real TensorBoard files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from llmforge.plot import plot, read_scalars
+from llmforge.training import run
+from tests.conftest import run_cli
+
+
+def losses(run_dir) -> dict[int, float]:
+    return dict(read_scalars(run_dir)["train/loss"])
+
+
+@pytest.mark.parametrize(
+    "precision", ["32-true", "bf16-mixed", "bf16-true", pytest.param("16-mixed", marks=pytest.mark.gpu)]
+)
+def test_loss_falls_on_repeated_batch(train_cfg, precision):
+    hardware = "hardware=gpu" if precision == "16-mixed" else "hardware=cpu"
+    cfg = train_cfg(
+        "debug=overfit", f"precision={precision}", hardware, "trainer.max_steps=25", "model.d_model=128"
+    )
+    result = run(cfg)
+    curve = losses(result.run_dir)
+    first, last = curve[min(curve)], curve[max(curve)]
+    assert last < 0.5 * first, (precision, first, last)
+
+
+def test_run_dir_holds_everything(train_cfg):
+    result = run(train_cfg("debug=fast", "trainer.max_steps=3", "trainer.ckpt_every_n_steps=2"))
+    d = result.run_dir
+    assert result.global_step == 3
+    saved = OmegaConf.load(d / "config.yaml")
+    assert saved.model.name == "tiny" and saved.trainer.max_steps == 3 and saved.run_dir == str(d)
+    manifest = json.loads((d / "run_manifest.json").read_text())
+    assert manifest["data"]["manifest_sha256"] and manifest["versions"]["torch"] == torch.__version__
+    assert "commit" in manifest["git"]
+    assert list((d / "tb").glob("events.out.tfevents.*"))
+    scalars = read_scalars(d)
+    assert {"train/loss", "train/lr", "train/ppl", "val/loss", "val/ppl"} <= set(scalars)
+    ckpts = sorted(p.name for p in (d / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "step0000002.ckpt", "step0000003.ckpt"]
+    ck = torch.load(d / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ck["global_step"] == 3
+    assert ck["ShardDataModule"]["cursor"] == 3 * 4  # 3 steps x batch 4 x 1 rank
+    assert plot(d).stat().st_size > 10_000
+
+
+def test_existing_run_is_not_overwritten(train_cfg, tmp_path):
+    run(train_cfg("debug=fast", run_dir=tmp_path / "r"))
+    with pytest.raises(FileExistsError, match="resume=auto"):
+        run(train_cfg("debug=fast", run_dir=tmp_path / "r"))
+
+
+def test_resume_continues_with_same_loss_lr_and_data(train_cfg, tmp_path):
+    common = (
+        "debug=fast",
+        "optim.decay_steps=8",
+        "optim.warmup_steps=2",
+        "trainer.val_check_interval=100",
+        "+callbacks.samples._target_=llmforge.callbacks.SampleIndexRecorder",
+    )
+    full = run(train_cfg(*common, "trainer.max_steps=8", run_dir=tmp_path / "full"))
+    run(train_cfg(*common, "trainer.max_steps=4", run_dir=tmp_path / "split"))
+    resumed = run(train_cfg(*common, "trainer.max_steps=8", "resume=auto", run_dir=tmp_path / "split"))
+    assert resumed.global_step == 8
+    a, b = read_scalars(full.run_dir), read_scalars(resumed.run_dir)
+    for tag in ("train/loss", "train/lr"):
+        assert dict(a[tag]) == pytest.approx(dict(b[tag]), rel=1e-6, abs=0), tag
+    assert len(dict(b["train/loss"])) == 8
+    seen_full = (full.run_dir / "samples" / "rank0.txt").read_text().splitlines()
+    seen_split = (resumed.run_dir / "samples" / "rank0.txt").read_text().splitlines()
+    assert seen_full == seen_split and len(seen_full) == 8
+    final_a = torch.load(full.last_checkpoint, weights_only=False)["state_dict"]
+    final_b = torch.load(resumed.last_checkpoint, weights_only=False)["state_dict"]
+    for key in final_a:
+        assert torch.equal(final_a[key], final_b[key]), key
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(tmp_path, tiny_data):
+    proc = run_cli(
+        "llmforge.train",
+        "debug=fast",
+        "model=tiny",
+        f"data.path={tiny_data}",
+        "data.seq_len=32",
+        "name=cli",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint" in proc.stdout and (tmp_path / "runs" / "cli" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_see_disjoint_data(tmp_path, tiny_data):
+    proc = run_cli(
+        "llmforge.train",
+        "strategy=ddp",
+        "hardware.devices=2",
+        "debug=fast",
+        "trainer.max_steps=4",
+        "model=tiny",
+        f"data.path={tiny_data}",
+        "data.seq_len=32",
+        "data.batch_size=3",
+        "name=ddp",
+        "+callbacks.samples._target_=llmforge.callbacks.SampleIndexRecorder",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = tmp_path / "runs" / "ddp"
+    ranks = [
+        [
+            set(map(int, line.split()))
+            for line in (run_dir / "samples" / f"rank{r}.txt").read_text().splitlines()
+        ]
+        for r in (0, 1)
+    ]
+    assert len(ranks[0]) == len(ranks[1]) == 4
+    all0, all1 = set().union(*ranks[0]), set().union(*ranks[1])
+    assert len(all0) == len(all1) == 12 and not all0 & all1
+    ck = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ck["ShardDataModule"]["cursor"] == 4 * 3 * 2
+    assert "train/loss" in read_scalars(run_dir)
