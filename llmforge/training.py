@@ -81,7 +81,12 @@ def build_strategy(cfg: DictConfig) -> Any:
     if name == "fsdp":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return ModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=1)
+        devices = cfg.hardware.devices
+        dp = int(devices) * cfg.hardware.num_nodes if str(devices).isdigit() else "auto"
+        backend = "gloo" if cfg.hardware.accelerator == "cpu" else None
+        return ModelParallelStrategy(
+            data_parallel_size=dp, tensor_parallel_size=1, process_group_backend=backend
+        )
     return "auto"
 
 
@@ -108,11 +113,24 @@ def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
         return None
     if cfg.resume == "auto":
         last = ckpt_dir / "last.ckpt"
-        return str(last) if last.is_file() else None
+        return str(last) if last.exists() else None  # a file, or a directory when sharded
     path = Path(cfg.resume)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint")
     return str(path)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """Replace dst by a copy of src (a file, or a directory for sharded checkpoints), atomically."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if src.is_dir():
+        shutil.copytree(src, tmp)
+    else:
+        shutil.copyfile(src, tmp)
+    if dst.is_dir():
+        shutil.rmtree(dst)
+    tmp.replace(dst)
 
 
 def run(cfg: DictConfig) -> RunResult:
@@ -166,13 +184,12 @@ def run(cfg: DictConfig) -> RunResult:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     last = ckpt_dir / "last.ckpt"
-    step_ckpt = ckpt_dir / f"step{trainer.global_step:07d}.ckpt"
-    if not step_ckpt.exists():
-        trainer.save_checkpoint(step_ckpt)
+    final = ckpt_dir / f"step{trainer.global_step:07d}.ckpt"
+    if not final.exists():
+        trainer.save_checkpoint(final)
+    trainer.strategy.barrier()
     if trainer.is_global_zero:
-        if step_ckpt.is_file():
-            shutil.copyfile(step_ckpt, last.with_suffix(".tmp"))
-            last.with_suffix(".tmp").replace(last)
+        copy_checkpoint(final, last)
     trainer.strategy.barrier()
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1

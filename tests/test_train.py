@@ -129,3 +129,17 @@ def test_ddp_two_processes_see_disjoint_data(tmp_path, tiny_data):
     ck = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert ck["ShardDataModule"]["cursor"] == 4 * 3 * 2
     assert "train/loss" in read_scalars(run_dir)
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_train_save_and_resume(tmp_path, tiny_data):
+    common = ("strategy=fsdp", "hardware.devices=2", "debug=fast", "model=tiny", f"data.path={tiny_data}",
+              "data.seq_len=32", "name=fsdp", "optim.decay_steps=4")
+    first = run_cli("llmforge.train", *common, "trainer.max_steps=2", cwd=tmp_path, timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
+    last = tmp_path / "runs" / "fsdp" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and any(last.iterdir())  # sharded: one directory of per-rank files
+    second = run_cli("llmforge.train", *common, "trainer.max_steps=4", "resume=auto", cwd=tmp_path, timeout=600)
+    assert second.returncode == 0, second.stderr[-4000:]
+    steps = dict(read_scalars(tmp_path / "runs" / "fsdp")["train/loss"])
+    assert sorted(steps) == [0, 1, 2, 3]

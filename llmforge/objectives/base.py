@@ -88,8 +88,9 @@ class PretrainModule(L.LightningModule):
             return
         value = self.val_loss.compute()
         self.val_loss.reset()
-        self.log("val/loss", value, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", torch.exp(value.clamp(max=30)), sync_dist=False)
+        # MeanMetric already reduced across ranks; sync_dist only averages identical values
+        self.log("val/loss", value, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(value.clamp(max=30)), sync_dist=True)
 
     def total_steps(self) -> int:
         if self.optim_cfg.decay_steps:

@@ -1,0 +1,42 @@
+# Quick start:  make demo   (venv + install + corpus + tokenizer + shards + a few minutes of CPU training)
+#               make test   (the test suite, as CI runs it)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The project's machines keep a CPU build of torch on disk; elsewhere pip resolves torch from PyPI.
+WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: venv demo test test-fast lint bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(WHEELS) -e '.[dev]'
+	touch $@
+
+demo: venv
+	$(BIN)/python -m llmforge.prepare
+	$(BIN)/python -m llmforge.train experiment=demo resume=auto
+	$(BIN)/python -m llmforge.plot runs/demo
+	@echo
+	@echo "Demo finished. Curves: runs/demo/curves.png   TensorBoard: $(BIN)/tensorboard --logdir runs/demo"
+	@echo "Checkpoint: runs/demo/checkpoints/last.ckpt   Config and manifest: runs/demo/{config.yaml,run_manifest.json}"
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: venv
+	$(BIN)/ruff check .
+
+bench: venv
+	$(BIN)/pip install -q $(WHEELS) -e '.[dev,hf]'
+	$(BIN)/python experiments/bench_model_vs_hf.py
+	$(BIN)/python experiments/bench_overhead.py
+
+clean:
+	rm -rf runs data outputs multirun lightning_logs
