@@ -18,49 +18,100 @@ from llmforge.data.shards import manifest_sha256
 PACKAGES = ("torch", "lightning", "hydra-core", "omegaconf", "tokenizers", "numpy", "tensorboard", "llmforge")
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against the device name.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "RTX 4090": 165e12,
+    "V100": 125e12,
+}
+
+
+def device_peak_flops() -> float | None:
+    """bf16 peak of the local CUDA device, or None (CPU, or a GPU missing from the table)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
 class Throughput(L.Callback):
-    """Logs tokens/s, samples/s and step time per optimizer step; writes `perf.json` at the end.
+    """Logs tokens/s, samples/s, step time and MFU per optimizer step; writes `perf.json` at the end.
 
     Times are wall-clock between consecutive optimizer-step ends, so they include data loading and
     everything Lightning does around the step. The first `warmup` steps are left out of the summary.
+    MFU = flops_per_token(model, seq_len) * tokens/s / (peak bf16 FLOP/s per device * devices), with
+    flops_per_token the PaLM formula (6N + 12 * layers * d_model * seq_len); only on known GPUs.
     """
 
     def __init__(self, warmup: int = 5) -> None:
         self.warmup = warmup
         self.step_times: list[float] = []
+        self.tokens_per_step = 0
+        self.flops_per_token: float | None = None
+        self.peak: float | None = None
         self._last: float | None = None
         self._last_step = -1
+
+    def on_train_start(self, trainer, pl_module):
+        self.peak = (
+            device_peak_flops() if trainer.accelerator.__class__.__name__ == "CUDAAccelerator" else None
+        )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx):
         if trainer.global_step == self._last_step:
             return  # still accumulating gradients
         self._last_step = trainer.global_step
         now = time.perf_counter()
+        scale = trainer.world_size * trainer.accumulate_grad_batches
+        self.tokens_per_step = batch["input_ids"].numel() * scale
+        if self.flops_per_token is None and hasattr(pl_module, "model_cfg"):
+            from llmforge.models.transformer import flops_per_token
+
+            self.flops_per_token = flops_per_token(pl_module.model_cfg, batch["input_ids"].shape[1])
         if self._last is not None:
             dt = now - self._last
             self.step_times.append(dt)
-            tokens = batch["input_ids"].numel() * trainer.world_size * trainer.accumulate_grad_batches
-            samples = batch["input_ids"].shape[0] * trainer.world_size * trainer.accumulate_grad_batches
-            pl_module.log("perf/tokens_per_s", tokens / dt)
-            pl_module.log("perf/samples_per_s", samples / dt)
+            pl_module.log("perf/tokens_per_s", self.tokens_per_step / dt)
+            pl_module.log("perf/samples_per_s", batch["input_ids"].shape[0] * scale / dt)
             pl_module.log("perf/step_time_s", dt)
+            if self.peak and self.flops_per_token:
+                pl_module.log(
+                    "perf/mfu",
+                    self.flops_per_token * self.tokens_per_step / dt / (self.peak * trainer.world_size),
+                )
         self._last = now
 
     def on_validation_start(self, trainer, pl_module):
         self._last = None  # do not count validation time as a training step
 
-    def summary(self) -> dict:
+    def summary(self, world_size: int = 1) -> dict:
         steady = self.step_times[self.warmup :] or self.step_times
-        return {
+        if not steady:
+            return {"steps_timed": 0}
+        median = float(np.median(steady))
+        out = {
             "steps_timed": len(steady),
-            "median_step_s": float(np.median(steady)) if steady else None,
-            "mean_step_s": float(np.mean(steady)) if steady else None,
+            "median_step_s": median,
+            "mean_step_s": float(np.mean(steady)),
+            "tokens_per_step": self.tokens_per_step,
+            "tokens_per_s": self.tokens_per_step / median,
+            "flops_per_token": self.flops_per_token,
         }
+        if self.peak and self.flops_per_token:
+            out["mfu"] = self.flops_per_token * out["tokens_per_s"] / (self.peak * world_size)
+            out["peak_flops_per_device"] = self.peak
+        return out
 
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero and trainer.default_root_dir:
             path = Path(trainer.default_root_dir) / "perf.json"
-            path.write_text(json.dumps(self.summary(), indent=2) + "\n")
+            path.write_text(json.dumps(self.summary(trainer.world_size), indent=2) + "\n")
 
 
 class SampleIndexRecorder(L.Callback):

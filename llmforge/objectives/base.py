@@ -99,8 +99,13 @@ class PretrainModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         o = self.optim_cfg
+        on_gpu = next(self.model.parameters()).is_cuda
         optimizer = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
+            param_groups(self.model, o.weight_decay),
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            fused=True if on_gpu else None,
         )
         factor = partial(
             lr_factor,
