@@ -1,0 +1,99 @@
+"""Packing and sampling over token shards.
+
+`PackedWindows` views a split as one token stream (documents already end with EOS) cut into windows of
+``seq_len + 1`` tokens that start every ``seq_len`` tokens, so each token is an input exactly once and a
+target exactly once per epoch. The last window is padded with -1 (collate functions turn it into PAD and
+an ignored label).
+
+`GlobalCursorSampler` orders samples by a *global* cursor: position p of the stream of samples is
+``permutation(epoch = p // n)[p % n]``, with one seeded permutation per epoch. A global batch covers
+``batch_size * world_size`` consecutive positions and rank r takes its own contiguous slice, so ranks see
+disjoint samples and a run resumed at cursor c continues exactly where it stopped, whatever the number of
+ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+from torch.utils.data import Dataset, Sampler
+
+from llmforge.data.shards import ShardSet
+
+PAD_VALUE = -1
+
+
+class PackedWindows(Dataset):
+    def __init__(self, shards: ShardSet, seq_len: int) -> None:
+        if seq_len < 1:
+            raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
+        self.arrays = shards.arrays
+        self.seq_len = seq_len
+        sizes = np.array([a.size for a in self.arrays], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])
+        self.total = int(self.starts[-1])
+        self.length = max(0, -(-(self.total - 1) // seq_len))  # ceil((N - 1) / L): windows with a target
+
+    def __len__(self) -> int:
+        return self.length
+
+    def span(self, i: int) -> tuple[int, int]:
+        """Stream positions [start, end) of window i (end may stop short on the last window)."""
+        start = i * self.seq_len
+        return start, min(start + self.seq_len + 1, self.total)
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        out = np.full(self.seq_len + 1, PAD_VALUE, dtype=np.int64)
+        pos, shard = start, int(np.searchsorted(self.starts, start, side="right")) - 1
+        while pos < end:
+            local = pos - self.starts[shard]
+            take = min(end, self.starts[shard + 1]) - pos
+            out[pos - start : pos - start + take] = self.arrays[shard][local : local + take]
+            pos += take
+            shard += 1
+        return out
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.length:
+            raise IndexError(f"window {i} out of range [0, {self.length})")
+        return {"index": i, "tokens": self.read(*self.span(i))}
+
+
+class GlobalCursorSampler(Sampler[int]):
+    """Endless, seeded, rank-sliced sampler that starts at a global sample cursor."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        start: int = 0,
+    ) -> None:
+        if num_samples <= 0:
+            raise ValueError("no samples to draw from: the split is shorter than one window")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        self.n, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
+        self.seed, self.shuffle, self.start = seed, shuffle, start
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def order(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if not self.shuffle:
+            return offset
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        return int(self._perm[1][offset])
+
+    def __iter__(self) -> Iterator[int]:
+        global_batch = self.batch_size * self.world_size
+        position = self.start
+        while True:
+            first = position + self.rank * self.batch_size
+            for p in range(first, first + self.batch_size):
+                yield self.order(p)
+            position += global_batch

@@ -1,0 +1,207 @@
+"""THE on-disk token format shared by the data stage and the trainer.
+
+A dataset is one directory::
+
+    manifest.json              format version, dtype, vocab size, special token ids, tokenizer hash,
+                               per split: shard files with token/document counts and sha256
+    tokenizer.json             the tokenizer that produced the ids (its sha256 is in the manifest)
+    {split}-{k:05d}.bin        raw token ids, little-endian uint16 (vocab <= 65536) or uint32
+    {split}-{k:05d}.idx        int64 document end offsets within the shard (document i is
+                               tokens[idx[i-1]:idx[i]]); every document ends with EOS
+
+Writers finish each shard under a temporary name and rename it, and the manifest is written last, so a
+directory with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id of the vocabulary."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    if vocab_size <= 2**16:
+        return np.dtype("<u2")
+    if vocab_size <= 2**32:
+        return np.dtype("<u4")
+    raise ValueError(f"vocab_size {vocab_size} does not fit in uint32")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    tokens: int
+    documents: int
+    sha256: str
+
+
+@dataclass
+class SplitWriter:
+    """Appends documents of one split to size-capped shards; each document gets EOS appended."""
+
+    directory: Path
+    split: str
+    vocab_size: int
+    eos_id: int
+    shard_tokens: int = 1 << 26
+    shards: list[ShardInfo] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.dtype = dtype_for_vocab(self.vocab_size)
+        self._chunks: list[np.ndarray] = []
+        self._ends: list[int] = []
+        self._size = 0
+
+    def add(self, ids: Sequence[int] | np.ndarray) -> None:
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            bad = int(arr.max()) if arr.max() >= self.vocab_size else int(arr.min())
+            raise ValueError(f"token id {bad} does not fit the vocabulary of {self.vocab_size} ({self.dtype})")
+        self._chunks.append(arr.astype(self.dtype))
+        self._chunks.append(np.array([self.eos_id], dtype=self.dtype))
+        self._size += arr.size + 1
+        self._ends.append(self._size)
+        if self._size >= self.shard_tokens:
+            self.flush()
+
+    def add_many(self, docs: Iterable[Sequence[int]]) -> None:
+        for ids in docs:
+            self.add(ids)
+
+    def flush(self) -> None:
+        if not self._ends:
+            return
+        name = f"{self.split}-{len(self.shards):05d}"
+        bin_path = self.directory / f"{name}.bin"
+        tmp = bin_path.with_name(bin_path.name + ".tmp")
+        np.concatenate(self._chunks).tofile(tmp)
+        os.replace(tmp, bin_path)
+        idx_tmp = self.directory / f"{name}.idx.tmp"
+        np.asarray(self._ends, dtype="<i8").tofile(idx_tmp)
+        os.replace(idx_tmp, self.directory / f"{name}.idx")
+        self.shards.append(ShardInfo(bin_path.name, self._size, len(self._ends), sha256_file(bin_path)))
+        self._chunks, self._ends, self._size = [], [], 0
+
+    def summary(self) -> dict:
+        self.flush()
+        return {
+            "tokens": sum(s.tokens for s in self.shards),
+            "documents": sum(s.documents for s in self.shards),
+            "shards": [vars(s) for s in self.shards],
+        }
+
+
+def write_manifest(
+    directory: Path,
+    *,
+    vocab_size: int,
+    special_tokens: dict[str, int],
+    tokenizer_sha256: str,
+    splits: dict[str, dict],
+    source: dict | None = None,
+    config_hash: str | None = None,
+) -> dict:
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype_for_vocab(vocab_size).name,
+        "vocab_size": vocab_size,
+        "special_tokens": special_tokens,
+        "tokenizer_sha256": tokenizer_sha256,
+        "eos_appended": True,
+        "splits": splits,
+        "source": source or {},
+        "config_hash": config_hash,
+    }
+    write_json_atomic(directory / MANIFEST, manifest)
+    return manifest
+
+
+@dataclass
+class ShardSet:
+    """Read side: one split of a dataset directory as memory-mapped arrays."""
+
+    directory: Path
+    manifest: dict
+    split: str
+    arrays: list[np.memmap]
+    doc_ends: list[np.ndarray]
+
+    @classmethod
+    def open(cls, directory: str | Path, split: str = "train", verify: bool = False) -> ShardSet:
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        if split not in manifest["splits"]:
+            raise KeyError(f"{directory} has no split {split!r}; it has {sorted(manifest['splits'])}")
+        dtype = np.dtype(manifest["dtype"])
+        arrays, ends = [], []
+        for shard in manifest["splits"][split]["shards"]:
+            path = directory / shard["file"]
+            if verify and sha256_file(path) != shard["sha256"]:
+                raise ValueError(f"checksum mismatch for {path}")
+            arr = np.memmap(path, dtype=dtype, mode="r")
+            if arr.size != shard["tokens"]:
+                raise ValueError(f"{path}: {arr.size} tokens on disk, manifest says {shard['tokens']}")
+            doc_ends = np.fromfile(path.with_suffix(".idx"), dtype="<i8")
+            if doc_ends.size != shard["documents"] or (doc_ends.size and doc_ends[-1] != arr.size):
+                raise ValueError(f"{path.with_suffix('.idx')}: document index does not match the manifest")
+            arrays.append(arr)
+            ends.append(doc_ends)
+        return cls(directory, manifest, split, arrays, ends)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(a.size for a in self.arrays)
+
+    @property
+    def num_documents(self) -> int:
+        return sum(e.size for e in self.doc_ends)
+
+    def documents(self) -> Iterable[np.ndarray]:
+        for arr, ends in zip(self.arrays, self.doc_ends, strict=True):
+            start = 0
+            for end in ends:
+                yield np.asarray(arr[start:end])
+                start = int(end)
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no token shards at {directory} ({MANIFEST} missing): run `python -m llmforge.prepare` first"
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: shard format {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def manifest_sha256(directory: str | Path) -> str:
+    return sha256_file(Path(directory) / MANIFEST)
