@@ -22,7 +22,7 @@ for spec in "125m 16" "1b 8"; do
     data.seq_len=2048 data.batch_size=$2 trainer.max_steps=40 trainer.val_check_interval=1000 \
     trainer.limit_val_batches=0 trainer.ckpt_every_n_steps=100000 trainer.enable_progress_bar=false \
     +callbacks.throughput.warmup=10 run_dir=/tmp/runs/$1 hydra.run.dir=/tmp/runs/$1 > "$OUT/train_$1.log" 2>&1 \
-    || { tail -30 "$OUT/train_$1.log"; continue; }
+    || { grep -E "Error|error" "$OUT/train_$1.log" | tail -3; continue; }
   cp /tmp/runs/$1/perf.json "$OUT/perf_$1.json"
 done
 python3 - "$OUT" <<'PY'

@@ -99,13 +99,9 @@ class PretrainModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         o = self.optim_cfg
-        on_gpu = next(self.model.parameters()).is_cuda
+        # not fused: Lightning's AMP plugins refuse gradient clipping with fused optimizers
         optimizer = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay),
-            lr=o.lr,
-            betas=tuple(o.betas),
-            eps=o.eps,
-            fused=True if on_gpu else None,
+            param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
         )
         factor = partial(
             lr_factor,
