@@ -30,7 +30,10 @@ PRECISION_CASES = [
 @pytest.mark.parametrize(("precision", "hardware"), PRECISION_CASES)
 def test_loss_falls_on_repeated_batch(train_cfg, precision, hardware):
     cfg = train_cfg(
-        "debug=overfit", f"precision={precision}", f"hardware={hardware}", "trainer.max_steps=25",
+        "debug=overfit",
+        f"precision={precision}",
+        f"hardware={hardware}",
+        "trainer.max_steps=25",
         "model.d_model=128",
     )
     result = run(cfg)
@@ -141,13 +144,23 @@ def test_ddp_two_processes_see_disjoint_data(tmp_path, tiny_data):
 
 @pytest.mark.slow
 def test_fsdp_two_processes_train_save_and_resume(tmp_path, tiny_data):
-    common = ("strategy=fsdp", "hardware.devices=2", "debug=fast", "model=tiny", f"data.path={tiny_data}",
-              "data.seq_len=32", "name=fsdp", "optim.decay_steps=4")
+    common = (
+        "strategy=fsdp",
+        "hardware.devices=2",
+        "debug=fast",
+        "model=tiny",
+        f"data.path={tiny_data}",
+        "data.seq_len=32",
+        "name=fsdp",
+        "optim.decay_steps=4",
+    )
     first = run_cli("llmforge.train", *common, "trainer.max_steps=2", cwd=tmp_path, timeout=600)
     assert first.returncode == 0, first.stderr[-4000:]
     last = tmp_path / "runs" / "fsdp" / "checkpoints" / "last.ckpt"
     assert last.is_dir() and any(last.iterdir())  # sharded: one directory of per-rank files
-    second = run_cli("llmforge.train", *common, "trainer.max_steps=4", "resume=auto", cwd=tmp_path, timeout=600)
+    second = run_cli(
+        "llmforge.train", *common, "trainer.max_steps=4", "resume=auto", cwd=tmp_path, timeout=600
+    )
     assert second.returncode == 0, second.stderr[-4000:]
     steps = dict(read_scalars(tmp_path / "runs" / "fsdp")["train/loss"])
     assert sorted(steps) == [0, 1, 2, 3]

@@ -83,7 +83,9 @@ class SplitWriter:
         arr = np.asarray(ids, dtype=np.int64)
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
             bad = int(arr.max()) if arr.max() >= self.vocab_size else int(arr.min())
-            raise ValueError(f"token id {bad} does not fit the vocabulary of {self.vocab_size} ({self.dtype})")
+            raise ValueError(
+                f"token id {bad} does not fit the vocabulary of {self.vocab_size} ({self.dtype})"
+            )
         self._chunks.append(arr.astype(self.dtype))
         self._chunks.append(np.array([self.eos_id], dtype=self.dtype))
         self._size += arr.size + 1
