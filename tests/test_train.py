@@ -164,3 +164,19 @@ def test_fsdp_two_processes_train_save_and_resume(tmp_path, tiny_data):
     assert second.returncode == 0, second.stderr[-4000:]
     steps = dict(read_scalars(tmp_path / "runs" / "fsdp")["train/loss"])
     assert sorted(steps) == [0, 1, 2, 3]
+
+
+def test_gradient_accumulation_advances_cursor_per_micro_batch(train_cfg):
+    result = run(
+        train_cfg(
+            "debug=fast",
+            "trainer.max_steps=3",
+            "trainer.accumulate_grad_batches=2",
+            "+callbacks.samples._target_=llmforge.callbacks.SampleIndexRecorder",
+        )
+    )
+    assert result.global_step == 3
+    batches = (result.run_dir / "samples" / "rank0.txt").read_text().splitlines()
+    assert len(batches) == 6  # two micro-batches per optimizer step
+    ck = torch.load(result.last_checkpoint, weights_only=False)
+    assert ck["ShardDataModule"]["cursor"] == 3 * 2 * 4

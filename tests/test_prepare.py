@@ -1,0 +1,55 @@
+"""`python -m llmforge.prepare`: text files -> tokenizer -> shards; reruns skip finished work."""
+
+from __future__ import annotations
+
+import json
+
+from llmforge.data.shards import ShardSet
+from tests.conftest import run_cli
+
+TEXTS = {
+    "a.txt": "The quick brown fox jumps over the lazy dog. " * 40,
+    "b.txt": "Pack my box with five dozen liquor jugs! " * 40,
+    "c.txt": "Portez ce vieux whisky au juge blond qui fume. " * 40,
+    "sub/d.txt": "Falsches Üben von Xylophonmusik quält jeden größeren Zwerg. " * 40,
+}
+
+
+def test_prepare_text_files_then_skip_then_rebuild(tmp_path):
+    for name, text in TEXTS.items():
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_text(text)
+    out = tmp_path / "ds"
+    args = [
+        f"input={tmp_path}/in/**/*.txt",
+        f"output_dir={out}",
+        "tokenizer.vocab_size=400",
+        "tokenizer.num_sentinels=4",
+        "val_fraction=0.0",
+    ]
+    first = run_cli("llmforge.prepare", *args, cwd=tmp_path, timeout=120)
+    assert first.returncode == 0, first.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["documents"] == 4
+    assert manifest["special_tokens"]["mask"] == 4 and manifest["special_tokens"]["sentinel_3"] == 8
+    docs = list(ShardSet.open(out, "train", verify=True).documents())
+    assert all(int(d[-1]) == manifest["special_tokens"]["eos"] for d in docs)
+
+    again = run_cli("llmforge.prepare", *args, cwd=tmp_path, timeout=120)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    changed = run_cli("llmforge.prepare", *args[:-1], "val_fraction=0.5", cwd=tmp_path, timeout=120)
+    assert changed.returncode == 0 and "up to date" not in changed.stdout
+    assert json.loads((out / "manifest.json").read_text())["config_hash"] != manifest["config_hash"]
+    assert not (tmp_path / "ds.tmp").exists() and not (tmp_path / "ds.old").exists()
+
+
+def test_prepare_reports_missing_input(tmp_path):
+    proc = run_cli(
+        "llmforge.prepare",
+        f"input={tmp_path}/nothing/*.txt",
+        f"output_dir={tmp_path}/ds",
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "matches no file" in proc.stderr
+    assert not (tmp_path / "ds").exists()
