@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import hydra
@@ -15,6 +16,9 @@ register()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from llmforge.training import run  # heavy imports after Hydra has parsed the command line
+
+    # Hydra's handlers (console + train.log) already receive Lightning's messages: drop its own duplicate.
+    logging.getLogger("lightning").handlers.clear()
 
     try:
         result = run(cfg)
