@@ -71,6 +71,7 @@ class SplitWriter:
     vocab_size: int
     eos_id: int
     shard_tokens: int = 1 << 26
+    stem: str | None = None  # file names are f"{stem}-{k:05d}"; default: the split name
     shards: list[ShardInfo] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -100,7 +101,7 @@ class SplitWriter:
     def flush(self) -> None:
         if not self._ends:
             return
-        name = f"{self.split}-{len(self.shards):05d}"
+        name = f"{self.stem or self.split}-{len(self.shards):05d}"
         bin_path = self.directory / f"{name}.bin"
         tmp = bin_path.with_name(bin_path.name + ".tmp")
         np.concatenate(self._chunks).tofile(tmp)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import codecs
 import glob
 import gzip
+import http.client
 import os
 import re
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -87,12 +89,14 @@ def download(url: str, dest: Path, retries: int = 5, timeout: float = 60.0, back
                 if have and response.status != 206:  # server ignored the range: start over
                     have = 0
                 total = response.headers.get("Content-Range", "").rpartition("/")[2]
+                length = response.headers.get("Content-Length")
+                expected = int(total) if total.isdigit() else (have + int(length) if length else None)
                 with open(part, "ab" if have else "wb") as f:
                     while block := response.read(1 << 20):
                         f.write(block)
             size = part.stat().st_size
-            if total.isdigit() and size != int(total):
-                raise OSError(f"short download: {size} of {total} bytes")
+            if expected is not None and size != expected:
+                raise OSError(f"short download: {size} of {expected} bytes")
             os.replace(part, dest)
             return dest
         except urllib.error.HTTPError as err:
@@ -102,7 +106,7 @@ def download(url: str, dest: Path, retries: int = 5, timeout: float = 60.0, back
             if 400 <= err.code < 500 and err.code not in (408, 429):
                 raise
             last_error = err
-        except (OSError, urllib.error.URLError) as err:
+        except (OSError, urllib.error.URLError, http.client.HTTPException) as err:
             last_error = err
         time.sleep(backoff * 2**attempt)
     raise OSError(f"download of {url} failed after {retries + 1} attempts: {last_error}")
@@ -159,6 +163,22 @@ class ReadStats:
         }
 
 
+def whole_file_gzip(path: str | Path, probe: int = 8 << 20) -> bool:
+    """True if the file is gzip and its first member holds more than one record (not gzip-per-record)."""
+    with open(path, "rb") as f:
+        if f.read(3) != GZIP_MAGIC:
+            return False
+        f.seek(0)
+        d = zlib.decompressobj(31)
+        out = b""
+        try:
+            while not d.eof and len(out) < probe and (chunk := f.read(1 << 16)):
+                out += d.decompress(chunk)
+        except zlib.error:
+            return False
+    return len(RESYNC_WARC.findall(out)) > 1
+
+
 def _resync(fh, start: int, chunk: int = 1 << 20) -> int | None:
     """Offset of the next plausible record start (a WARC header line or a gzip member) at or after start."""
     overlap = 16
@@ -190,11 +210,15 @@ class WarcReader:
 
     def read(self, path: str | Path) -> Iterator[Document]:
         source = Path(path).name
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            self.stats.bytes_read += size
+        whole = whole_file_gzip(path)
+        self.stats.bytes_read += os.path.getsize(path)
+        # warcio reads gzip-per-record and plain files itself; a whole-file gzip is read decompressed
+        with gzip.open(path, "rb") if whole else open(path, "rb") as fh:
             offset: int | None = 0
-            while offset is not None and offset < size:
+            while offset is not None:
+                fh.seek(offset)
+                if not fh.read(1):
+                    return
                 fh.seek(offset)
                 it = ArchiveIterator(fh, check_digests=False)
                 next_start = offset  # where the record being parsed begins
@@ -210,7 +234,10 @@ class WarcReader:
                     return
                 except Exception as err:  # noqa: BLE001 — any parse failure is counted, then skipped
                     self.stats.skipped[f"malformed:{type(err).__name__}"] += 1
-                    offset = _resync(fh, next_start + 1)
+                    try:
+                        offset = _resync(fh, next_start + 1)
+                    except (OSError, EOFError, zlib.error):  # damaged whole-file gzip: nothing after it
+                        return
 
     def _convert(self, record, source: str) -> Document | None:
         headers = record.rec_headers

@@ -1,0 +1,526 @@
+"""The data stage: crawl (or text) files -> clean, filtered, deduplicated, tokenized shards.
+
+Stages, in order (per-shard stages run on the executor, one task per input shard):
+
+1. ``process`` (per shard): read -> extract -> clean -> filters; writes the kept documents
+   (``work/process/NNNNN.jsonl.gz``), their MinHash signatures and exact hashes (``.sig.npz``), step stats
+   and a capped sample of dropped documents per reason.
+2. ``dedup`` (global): exact and near duplicates across all shards from the signatures alone; writes the
+   sorted keys of the documents to drop.
+3. ``tokenizer`` (global): byte-level BPE on a deterministic, hash-selected sample of the kept documents.
+4. ``tokenize`` (per shard): kept, non-duplicate documents -> token shards in the output directory, the
+   split chosen by document hash.
+5. ``finalize``: ``manifest.json`` (written last: a directory with a manifest is complete), ``stats.json``,
+   ``report.md`` (the funnel) and ``dropped/`` (samples to read, per step and reason).
+
+Every stage output is written to a temporary name and renamed; a ``.done`` marker written after it holds
+the hash of the stage's config and of its inputs (file fingerprints and upstream markers). A rerun skips
+tasks whose marker matches and redoes exactly those whose config or inputs changed, so a run killed at any
+point finishes with the same bytes as an uninterrupted one, with any number of workers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmforge.data.shards import MANIFEST, TOKENIZER_FILE, SplitWriter, sha256_file, write_manifest
+from llmforge.prep.document import Document
+from llmforge.prep.step import PipelineStep, StepStats
+
+WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".arc.gz")
+
+
+# -- small utilities ------------------------------------------------------------------------------
+
+
+def digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint(source: str | list[str]) -> Any:
+    """What identifies an input's content cheaply: path, size and mtime for files; the URL otherwise."""
+    if isinstance(source, list):
+        return [fingerprint(s) for s in source]
+    if source.startswith(("http://", "https://")) or source == "stdlib":
+        return source
+    st = os.stat(source)
+    return {"path": os.path.abspath(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def marker_ok(path: Path, h: str) -> bool:
+    try:
+        return json.loads(path.read_text())["hash"] == h
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def write_marker(path: Path, h: str) -> None:
+    write_json(path, {"hash": h})
+
+
+def doc_key(shard: int, index: int) -> int:
+    return (shard << 32) | index
+
+
+def hashed_fraction(text: str) -> float:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+
+def source_documents(source: str | list[str], reader_cfg: dict, reader_stats: dict) -> Iterator[Document]:
+    """Documents of one input shard: a crawl file, a list of text files, or the embedded stdlib corpus."""
+    from llmforge.prep.readers import WarcReader, read_text_file
+    from llmforge.prep.text import stdlib_documents
+
+    if source == "stdlib":
+        for doc_id, text in stdlib_documents():
+            yield Document(text, doc_id, {"source": "stdlib", "content_type": "text/plain"})
+        return
+    if isinstance(source, list):
+        for path in source:
+            yield from read_text_file(path)
+        return
+    reader = WarcReader(max_record_bytes=int(reader_cfg.get("max_record_bytes", 10 << 20)))
+    try:
+        yield from reader.read(source)
+    finally:
+        reader_stats.update(reader.stats.as_dict())
+
+
+def build_steps(cfg: dict) -> list[PipelineStep]:
+    from llmforge.prep.clean import Clean
+    from llmforge.prep.extract import Extract
+    from llmforge.prep.filters import build_filters
+
+    steps: list[PipelineStep] = []
+    extract = dict(cfg.get("extract") or {})
+    if extract.pop("enabled", True):
+        steps.append(Extract(**extract))
+    clean = dict(cfg.get("clean") or {})
+    if clean.pop("enabled", True):
+        steps.append(Clean(**clean))
+    steps.extend(build_filters(dict(cfg.get("filters") or {})))
+    return steps
+
+
+def make_hasher(dedup_cfg: dict):
+    from llmforge.prep.dedup import MinHasher
+
+    return MinHasher(
+        num_perm=int(dedup_cfg.get("num_perm", 128)),
+        ngram=int(dedup_cfg.get("ngram", 5)),
+        seed=int(dedup_cfg.get("seed", 1)),
+    )
+
+
+def read_kept(work: Path, index: int) -> Iterator[Document]:
+    with gzip.open(work / "process" / f"{index:05d}.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            yield Document.from_json(json.loads(line))
+
+
+# -- stage 1: process (per shard) -----------------------------------------------------------------
+
+
+def process_hash(cfg: dict, source: str | list[str]) -> str:
+    keys = ("reader", "extract", "clean", "filters")
+    dedup = {k: cfg["dedup"].get(k) for k in ("num_perm", "ngram", "seed")}
+    return digest({k: cfg.get(k) for k in keys}, dedup, fingerprint(source))
+
+
+def process_shard(cfg: dict, work_dir: str, index: int, source: str | list[str]) -> dict:
+    from llmforge.prep.dedup import exact_hash
+    from llmforge.prep.readers import download
+
+    work = Path(work_dir)
+    out = work / "process"
+    h = process_hash(cfg, source)
+    stats_path = out / f"{index:05d}.stats.json"
+    if marker_ok(out / f"{index:05d}.done", h):
+        return json.loads(stats_path.read_text())
+    start = time.perf_counter()
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        local = str(download(source, work / "downloads" / f"{index:05d}-{Path(source).name}"))
+    else:
+        local = source
+    reader_stats: dict = {}
+    steps = build_steps(cfg)
+    stream: Iterable[Document] = source_documents(local, cfg.get("reader") or {}, reader_stats)
+    for step in steps:
+        stream = step.run(stream, rank=index)
+    hasher = make_hasher(cfg["dedup"])
+    docs_path = out / f"{index:05d}.jsonl.gz"
+    tmp = docs_path.with_name(docs_path.name + ".tmp")
+    out.mkdir(parents=True, exist_ok=True)
+    indices, exact, sigs = [], [], []
+    n = 0
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3, mtime=0) as gz:
+        batch: list[Document] = []
+        for doc in stream:
+            gz.write((json.dumps(doc.to_json(), ensure_ascii=False, sort_keys=True) + "\n").encode())
+            batch.append(doc)
+            if len(batch) == 512:
+                sigs.append(hasher.signatures([d.text for d in batch]))
+                batch = []
+            indices.append(n)
+            exact.append(exact_hash(doc.text))
+            n += 1
+        if batch:
+            sigs.append(hasher.signatures([d.text for d in batch]))
+    os.replace(tmp, docs_path)
+    sig = np.concatenate(sigs) if sigs else np.zeros((0, hasher.num_perm), dtype=np.uint64)
+    sig_path = out / f"{index:05d}.sig.npz"
+    sig_tmp = out / f"{index:05d}.sig.tmp.npz"
+    np.savez(
+        sig_tmp, index=np.asarray(indices, dtype=np.int64), exact=np.asarray(exact, dtype=np.uint64), sig=sig
+    )
+    os.replace(sig_tmp, sig_path)
+    stats = {
+        "shard": index,
+        "source": source if isinstance(source, str) else f"{len(source)} text files",
+        "reader": reader_stats,
+        "steps": [s.stats.as_dict() for s in steps],
+        "kept": n,
+        "seconds": time.perf_counter() - start,
+    }
+    write_json(out / f"{index:05d}.dropped.json", {s.name: s.stats.samples for s in steps})
+    write_json(stats_path, stats)
+    write_marker(out / f"{index:05d}.done", h)
+    return stats
+
+
+# -- stage 2: dedup (global) ----------------------------------------------------------------------
+
+
+def dedup_stage(cfg: dict, work_dir: str, n_shards: int) -> dict:
+    from llmforge.prep.dedup import find_duplicates
+
+    work = Path(work_dir)
+    d = cfg["dedup"]
+    upstream = [json.loads((work / "process" / f"{i:05d}.done").read_text())["hash"] for i in range(n_shards)]
+    h = digest(d, upstream)
+    out = work / "dedup"
+    if marker_ok(out / "dedup.done", h):
+        return json.loads((out / "stats.json").read_text())
+    start = time.perf_counter()
+    keys, exact, sigs = [], [], []
+    for i in range(n_shards):
+        with np.load(work / "process" / f"{i:05d}.sig.npz") as z:
+            keys.append((np.int64(i) << 32) | z["index"])
+            exact.append(z["exact"])
+            sigs.append(z["sig"])
+    all_keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+    all_exact = np.concatenate(exact) if exact else np.zeros(0, dtype=np.uint64)
+    all_sigs = np.concatenate(sigs) if sigs else np.zeros((0, int(d.get("num_perm", 128))), dtype=np.uint64)
+    if not d.get("exact", True):
+        all_exact = np.arange(all_keys.size, dtype=np.uint64) + np.uint64(1 << 62)  # all distinct
+    result = (
+        find_duplicates(
+            all_keys,
+            all_exact,
+            all_sigs if d.get("near", True) else all_sigs[:, :0],
+            threshold=float(d.get("threshold", 0.8)),
+            bands=d.get("bands"),
+            rows=d.get("rows"),
+        )
+        if all_keys.size
+        else None
+    )
+    drop = np.array(sorted(result.drop) if result else [], dtype=np.int64)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "drop.tmp.npy"
+    np.save(tmp, drop)
+    os.replace(tmp, out / "drop.npy")
+    stats = {
+        "docs_in": int(all_keys.size),
+        "docs_out": int(all_keys.size - drop.size),
+        "seconds": time.perf_counter() - start,
+        **(result.stats if result else {}),
+    }
+    write_json(out / "stats.json", stats)
+    write_marker(out / "dedup.done", h)
+    return stats
+
+
+def load_drop(work: Path) -> np.ndarray:
+    return np.load(work / "dedup" / "drop.npy")
+
+
+def kept_documents(work: Path, index: int, drop: np.ndarray) -> Iterator[Document]:
+    lo, hi = np.searchsorted(drop, [doc_key(index, 0), doc_key(index + 1, 0)])
+    dropped = set((drop[lo:hi] & 0xFFFFFFFF).tolist())
+    for i, doc in enumerate(read_kept(work, index)):
+        if i not in dropped:
+            yield doc
+
+
+# -- stage 3: tokenizer (global) ------------------------------------------------------------------
+
+
+def tokenizer_stage(cfg: dict, work_dir: str, n_shards: int) -> str:
+    from llmforge.prep.tokenizer import train_bpe
+
+    work = Path(work_dir)
+    t = cfg["tokenizer"]
+    h = digest(t, json.loads((work / "dedup" / "dedup.done").read_text())["hash"])
+    out = work / "tokenizer"
+    path = out / TOKENIZER_FILE
+    if marker_ok(out / "tokenizer.done", h):
+        return str(path)
+    drop = load_drop(work)
+    fraction, budget = float(t.get("sample_fraction", 1.0)), int(t.get("sample_chars", 200_000_000))
+
+    def sample() -> Iterator[str]:
+        used = 0
+        for i in range(n_shards):
+            for doc in kept_documents(work, i, drop):
+                if used >= budget:
+                    return
+                if fraction >= 1.0 or hashed_fraction(doc.id) < fraction:
+                    used += len(doc.text)
+                    yield doc.text
+
+    tok = train_bpe(
+        sample(), int(t["vocab_size"]), int(t.get("num_sentinels", 100)), int(t.get("min_frequency", 2))
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "tokenizer.tmp.json"
+    tok.save(str(tmp))
+    os.replace(tmp, path)
+    write_marker(out / "tokenizer.done", h)
+    return str(path)
+
+
+# -- stage 4: tokenize (per shard) ----------------------------------------------------------------
+
+
+def tokenize_shard(cfg: dict, work_dir: str, out_dir: str, index: int) -> dict:
+    from tokenizers import Tokenizer
+
+    from llmforge.prep.tokenizer import special_token_ids
+    from llmforge.prep.writers import batched, is_validation
+
+    work, out = Path(work_dir), Path(out_dir)
+    tok_path = work / "tokenizer" / TOKENIZER_FILE
+    upstream = [
+        json.loads((work / p).read_text())["hash"]
+        for p in (f"process/{index:05d}.done", "dedup/dedup.done", "tokenizer/tokenizer.done")
+    ]
+    h = digest({k: cfg.get(k) for k in ("val_fraction", "shard_tokens")}, upstream)
+    summary_path = work / "tokenize" / f"{index:05d}.json"
+    if marker_ok(work / "tokenize" / f"{index:05d}.done", h):
+        return json.loads(summary_path.read_text())
+    start = time.perf_counter()
+    tok = Tokenizer.from_file(str(tok_path))
+    tok.encode_special_tokens = True  # text that spells "<eos>" stays text
+    specials = special_token_ids(tok)
+    vocab = tok.get_vocab_size()
+    out.mkdir(parents=True, exist_ok=True)
+    writers = {
+        split: SplitWriter(
+            out, split, vocab, specials["eos"], int(cfg["shard_tokens"]), stem=f"{split}-{index:05d}"
+        )
+        for split in ("train", "val")
+    }
+    docs = 0
+    for chunk in batched(kept_documents(work, index, load_drop(work)), 256):
+        encodings = tok.encode_batch([d.text for d in chunk], add_special_tokens=False)
+        for doc, enc in zip(chunk, encodings, strict=True):
+            split = "val" if is_validation(doc.id, doc.text, float(cfg["val_fraction"])) else "train"
+            writers[split].add(enc.ids)
+            docs += 1
+    summary = {split: w.summary() for split, w in writers.items()}
+    summary["seconds"] = time.perf_counter() - start
+    summary["documents_in"] = docs
+    write_json(summary_path, summary)
+    write_marker(work / "tokenize" / f"{index:05d}.done", h)
+    return summary
+
+
+# -- stage 5: finalize ------------------------------------------------------------------------------
+
+
+def funnel_report(process_stats: list[dict], dedup: dict, tokenize: list[dict]) -> tuple[dict, str]:
+    """Run-level totals per step and reason, and the markdown funnel."""
+    reader_totals: dict[str, Any] = {"records": 0, "documents": 0, "bytes_read": 0, "skipped": {}}
+    steps: dict[str, StepStats] = {}
+    for s in process_stats:
+        r = s.get("reader") or {}
+        for key in ("records", "documents", "bytes_read"):
+            reader_totals[key] += r.get(key, 0)
+        for reason, count in (r.get("skipped") or {}).items():
+            reader_totals["skipped"][reason] = reader_totals["skipped"].get(reason, 0) + count
+        for st in s["steps"]:
+            steps.setdefault(st["name"], StepStats(st["name"])).merge(st)
+    tokens = {split: sum(t[split]["tokens"] for t in tokenize) for split in ("train", "val")}
+    docs = {split: sum(t[split]["documents"] for t in tokenize) for split in ("train", "val")}
+    first = next(iter(steps.values())).docs_in if steps else sum(s["kept"] for s in process_stats)
+    lines = [
+        "# Data-stage funnel",
+        "",
+        f"Read {reader_totals['records']} records "
+        f"({reader_totals['bytes_read'] / 1e6:.1f} MB), {first} documents entered the steps.",
+        "",
+        "| step | docs in | docs out | kept of input | seconds | docs/s | dropped (reason: count) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def row(name: str, d_in: int, d_out: int, secs: float, dropped: dict) -> str:
+        pct = f"{100 * d_out / first:.1f}%" if first else "-"
+        rate = f"{d_in / secs:.0f}" if secs > 0 else "-"
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items(), key=lambda kv: -kv[1]))
+        return f"| {name} | {d_in} | {d_out} | {pct} | {secs:.2f} | {rate} | {reasons} |"
+
+    lines.append(row("read", reader_totals["records"], first, 0.0, reader_totals["skipped"]))
+    for st in steps.values():
+        lines.append(row(st.name, st.docs_in, st.docs_out, st.seconds, dict(st.dropped)))
+    dedup_dropped = {k: dedup.get(k, 0) for k in ("exact_dropped", "near_dropped")}
+    lines.append(
+        row(
+            "dedup",
+            dedup.get("docs_in", 0),
+            dedup.get("docs_out", 0),
+            dedup.get("seconds", 0.0),
+            dedup_dropped,
+        )
+    )
+    tok_secs = sum(t["seconds"] for t in tokenize)
+    lines.append(
+        row("tokenize", sum(t["documents_in"] for t in tokenize), docs["train"] + docs["val"], tok_secs, {})
+    )
+    lines += [
+        "",
+        f"Tokens: train {tokens['train']:,}, val {tokens['val']:,}; documents: train {docs['train']:,}, "
+        f"val {docs['val']:,}.",
+        "",
+        "Samples of dropped documents: `dropped/<step>/<reason>.jsonl`.",
+        "",
+    ]
+    totals = {
+        "reader": reader_totals,
+        "steps": {k: v.as_dict() for k, v in steps.items()},
+        "dedup": dedup,
+        "tokens": tokens,
+        "documents": docs,
+    }
+    return totals, "\n".join(lines)
+
+
+def write_dropped_samples(work: Path, out: Path, n_shards: int, cap: int) -> None:
+    merged: dict[str, dict[str, list]] = {}
+    for i in range(n_shards):
+        for step, reasons in json.loads((work / "process" / f"{i:05d}.dropped.json").read_text()).items():
+            for reason, samples in reasons.items():
+                bucket = merged.setdefault(step, {}).setdefault(reason, [])
+                bucket.extend(samples[: max(0, cap - len(bucket))])
+    for step, reasons in merged.items():
+        for reason, samples in reasons.items():
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in reason)
+            body = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+            write_atomic(out / "dropped" / step / f"{safe}.jsonl", body.encode())
+
+
+def finalize(
+    cfg: dict,
+    work: Path,
+    out: Path,
+    process_stats: list[dict],
+    dedup: dict,
+    tokenize: list[dict],
+    sources: list,
+) -> dict:
+    tok_src = work / "tokenizer" / TOKENIZER_FILE
+    write_atomic(out / TOKENIZER_FILE, tok_src.read_bytes())
+    from tokenizers import Tokenizer
+
+    from llmforge.prep.tokenizer import special_token_ids
+
+    tok = Tokenizer.from_file(str(tok_src))
+    splits = {}
+    for split in ("train", "val"):
+        shards = [s for t in tokenize for s in t[split]["shards"]]
+        splits[split] = {
+            "tokens": sum(s["tokens"] for s in shards),
+            "documents": sum(s["documents"] for s in shards),
+            "shards": shards,
+        }
+    listed = {s["file"] for sp in splits.values() for s in sp["shards"]}
+    for stale in list(out.glob("*.bin")) + list(out.glob("*.idx")):
+        if stale.with_suffix(".bin").name not in listed:
+            stale.unlink()
+    totals, report = funnel_report(process_stats, dedup, tokenize)
+    write_dropped_samples(work, out, len(sources), int(cfg.get("dropped_samples", 50)))
+    write_json(out / "stats.json", {"shards": process_stats, "totals": totals})
+    write_atomic(out / "report.md", report.encode())
+    source = {
+        "inputs": len(sources),
+        "funnel": {
+            name: {"in": v["docs_in"], "out": v["docs_out"], "dropped": v["dropped"]}
+            for name, v in totals["steps"].items()
+        },
+        "dedup": {k: dedup.get(k) for k in ("docs_in", "docs_out", "exact_dropped", "near_dropped")},
+        "reader": {k: totals["reader"][k] for k in ("records", "documents", "skipped")},
+    }
+    return write_manifest(
+        out,
+        vocab_size=tok.get_vocab_size(),
+        special_tokens=special_token_ids(tok),
+        tokenizer_sha256=sha256_file(out / TOKENIZER_FILE),
+        splits=splits,
+        source=source,
+        config_hash=digest(cfg),
+    )
+
+
+# -- the driver -----------------------------------------------------------------------------------
+
+
+def plan_sources(inputs: list[str], files_per_shard: int) -> list[str | list[str]]:
+    """Crawl files are one shard each; plain text files are grouped `files_per_shard` to a shard."""
+    crawl = [s for s in inputs if s == "stdlib" or s.endswith(WARC_SUFFIXES)]
+    text = [s for s in inputs if s not in crawl]
+    groups = [text[i : i + files_per_shard] for i in range(0, len(text), files_per_shard)]
+    return [*crawl, *groups]
+
+
+def run_pipeline(cfg: dict, inputs: list[str], out_dir: Path, executor) -> dict:
+    """Runs (or resumes) every stage; returns the manifest."""
+    out = Path(out_dir)
+    work = out / "work"
+    sources = plan_sources(inputs, int(cfg.get("files_per_shard", 1000)))
+    if not sources:
+        raise ValueError("no input to process")
+    if (out / MANIFEST).exists():
+        (out / MANIFEST).unlink()  # the manifest marks a complete dataset: remove it while we change it
+    n = len(sources)
+    process_stats = executor.map(
+        process_shard, [(cfg, str(work), i, s) for i, s in enumerate(sources)], label="process"
+    )
+    dedup = executor.run(dedup_stage, cfg, str(work), n, label="dedup")
+    executor.run(tokenizer_stage, cfg, str(work), n, label="tokenizer")
+    tokenize = executor.map(
+        tokenize_shard, [(cfg, str(work), str(out), i) for i in range(n)], label="tokenize"
+    )
+    return finalize(cfg, work, out, process_stats, dedup, tokenize, sources)

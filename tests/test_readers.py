@@ -1,0 +1,296 @@
+"""WARC/WET reading: encodings, compression layouts, charsets, fuzzed input, downloads over loopback."""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import io
+import random
+import threading
+from pathlib import Path
+
+import pytest
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+
+from llmforge.prep.readers import WarcReader, decode_html, download, expand_inputs
+
+PAGE = "<html><head><title>T{i}</title></head><body><p>Página número {i}: café, naïve, Œuvre — “quotes”.</p></body></html>"
+
+
+def response(
+    writer: WARCWriter, url: str, body: bytes, headers: list[tuple[str, str]], status: str = "200 OK"
+):
+    http = StatusAndHeaders(status, [*headers, ("Content-Length", str(len(body)))], protocol="HTTP/1.1")
+    return writer.create_warc_record(url, "response", payload=io.BytesIO(body), http_headers=http)
+
+
+def make_warc(path: Path, n: int = 5, gzip_records: bool = True, extra=None) -> list[str]:
+    texts = [PAGE.format(i=i) for i in range(n)]
+    with open(path, "wb") as fh:
+        w = WARCWriter(fh, gzip=gzip_records)
+        w.write_record(w.create_warcinfo_record(path.name, {"software": "test"}))
+        for i, text in enumerate(texts):
+            w.write_record(
+                response(
+                    w,
+                    f"https://example.org/{i}",
+                    text.encode(),
+                    [("Content-Type", "text/html; charset=utf-8")],
+                )
+            )
+        for rec in extra(w) if extra else []:
+            w.write_record(rec)
+    return texts
+
+
+def read_all(path: Path, **kw) -> tuple[list, WarcReader]:
+    reader = WarcReader(**kw)
+    return list(reader.read(path)), reader
+
+
+@pytest.mark.parametrize("layout", ["gzip-per-record", "uncompressed", "whole-file-gzip"])
+def test_layouts_give_the_same_documents(tmp_path, layout):
+    path = tmp_path / "a.warc"
+    texts = make_warc(path, gzip_records=layout == "gzip-per-record")
+    if layout == "whole-file-gzip":
+        data = path.read_bytes()
+        path = tmp_path / "a.warc.gz"
+        path.write_bytes(gzip.compress(data))
+    docs, reader = read_all(path)
+    assert [d.text for d in docs] == texts
+    assert reader.stats.documents == 5 and reader.stats.records == 6
+    assert docs[0].metadata["url"] == "https://example.org/0" and docs[0].id.startswith("<urn:uuid:")
+
+
+def test_charsets_header_meta_and_detection(tmp_path):
+    text = "<html><body><p>Déjà vu — Ça coûte 5 €, naïve façade.</p></body></html>"
+    meta = text.replace("<html>", '<html><head><meta charset="windows-1252"></head>')
+
+    def extra(w):
+        return [
+            response(
+                w,
+                "https://e.org/latin1",
+                text.encode("latin-1", "replace"),
+                [("Content-Type", "text/html; charset=ISO-8859-1")],
+            ),
+            response(w, "https://e.org/meta", meta.encode("cp1252"), [("Content-Type", "text/html")]),
+            # header lies (utf-8) but the body is cp1252: detection takes over
+            response(
+                w, "https://e.org/liar", text.encode("cp1252"), [("Content-Type", "text/html; charset=utf-8")]
+            ),
+            response(
+                w,
+                "https://e.org/gz",
+                gzip.compress(text.encode()),
+                [("Content-Type", "text/html; charset=utf-8"), ("Content-Encoding", "gzip")],
+            ),
+            response(
+                w,
+                "https://e.org/bogus",
+                text.encode(),
+                [("Content-Type", "text/html; charset=no-such-charset")],
+            ),
+        ]
+
+    make_warc(tmp_path / "c.warc.gz", n=0, extra=extra)
+    docs, reader = read_all(tmp_path / "c.warc.gz")
+    by_url = {d.metadata["url"].rsplit("/", 1)[1]: d for d in docs}
+    assert set(by_url) == {"latin1", "meta", "liar", "gz", "bogus"}
+    for name in ("meta", "liar", "gz", "bogus"):
+        assert "Déjà vu" in by_url[name].text and "€" in by_url[name].text, name
+    assert "Déjà vu" in by_url["latin1"].text
+    assert by_url["meta"].metadata["charset"] == "cp1252"
+
+
+def test_non_html_statuses_and_sizes_are_counted(tmp_path):
+    def extra(w):
+        return [
+            response(w, "https://e.org/img", b"\x89PNG" * 10, [("Content-Type", "image/png")]),
+            response(
+                w, "https://e.org/404", b"<h1>nope</h1>", [("Content-Type", "text/html")], "404 Not Found"
+            ),
+            response(w, "https://e.org/big", b"<p>" + b"x" * 5000 + b"</p>", [("Content-Type", "text/html")]),
+            response(w, "https://e.org/empty", b"   ", [("Content-Type", "text/html")]),
+        ]
+
+    make_warc(tmp_path / "s.warc.gz", n=2, extra=extra)
+    docs, reader = read_all(tmp_path / "s.warc.gz", max_record_bytes=4096)
+    assert len(docs) == 2
+    assert reader.stats.skipped == {
+        "not_html": 1,
+        "http_status:404": 1,
+        "too_large": 1,
+        "empty": 1,
+        "record_type:warcinfo": 1,
+    }
+
+
+def test_wet_conversion_records(tmp_path):
+    path = tmp_path / "x.warc.wet.gz"
+    with open(path, "wb") as fh:
+        w = WARCWriter(fh, gzip=True)
+        for i in range(3):
+            w.write_record(
+                w.create_warc_record(
+                    f"https://e.org/{i}",
+                    "conversion",
+                    payload=io.BytesIO(f"plain text {i}".encode()),
+                    warc_content_type="text/plain",
+                )
+            )
+    docs, _ = read_all(path)
+    assert [d.text for d in docs] == ["plain text 0", "plain text 1", "plain text 2"]
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_truncated_file_keeps_what_came_before(tmp_path, gz):
+    path = tmp_path / "t.warc"
+    texts = make_warc(path, n=6, gzip_records=gz)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.7)])
+    docs, reader = read_all(path)
+    assert 2 <= len(docs) < 6
+    assert [d.text for d in docs] == texts[: len(docs)]
+
+
+def test_corrupt_record_header_is_skipped_and_reading_resumes(tmp_path):
+    path = tmp_path / "h.warc"
+    texts = make_warc(path, n=6, gzip_records=False)
+    data = path.read_bytes()
+    # break the third response's header block: its WARC/1.x line
+    starts = [i for i in range(len(data)) if data.startswith(b"WARC/1.", i)]
+    third = starts[3]
+    path.write_bytes(data[:third] + b"GARBAGE!" + data[third + 8 :])
+    docs, reader = read_all(path)
+    got = [d.text for d in docs]
+    assert texts[2] not in got and set(got) == set(texts) - {texts[2]}
+    assert sum(v for k, v in reader.stats.skipped.items() if k.startswith("malformed")) >= 1
+
+
+def test_wrong_content_length_is_not_fatal(tmp_path):
+    path = tmp_path / "l.warc"
+    texts = make_warc(path, n=4, gzip_records=False)
+    data = path.read_bytes()
+    marker = f"Content-Length: {len(texts[1].encode()) + 0}".encode()
+    idx = data.find(b"WARC-Target-URI: https://example.org/1")
+    cl = data.find(b"Content-Length: ", idx)
+    end = data.find(b"\r\n", cl)
+    old = int(data[cl + 16 : end])
+    path.write_bytes(data[:cl] + f"Content-Length: {old - 40}".encode() + data[end:])
+    assert marker  # the record exists
+    docs, reader = read_all(path)
+    got = [d.text for d in docs]
+    assert texts[0] in got and texts[3] in got
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fuzzed_bytes_never_crash(tmp_path, seed):
+    rng = random.Random(seed)
+    path = tmp_path / "f.warc"
+    make_warc(path, n=8, gzip_records=seed % 2 == 0)
+    data = bytearray(path.read_bytes())
+    for _ in range(rng.randint(1, 30)):
+        op = rng.random()
+        pos = rng.randrange(len(data))
+        if op < 0.5:
+            data[pos] = rng.randrange(256)
+        elif op < 0.8:
+            del data[pos : pos + rng.randint(1, 200)]
+        else:
+            data[pos:pos] = rng.randbytes(rng.randint(1, 200))
+    path.write_bytes(bytes(data))
+    docs, reader = read_all(path)
+    assert len(docs) <= 8
+    assert reader.stats.documents == len(docs)
+
+
+def test_random_bytes_file(tmp_path):
+    path = tmp_path / "r.warc.gz"
+    path.write_bytes(random.Random(1).randbytes(100_000))
+    docs, reader = read_all(path)
+    assert docs == [] and reader.stats.bytes_read == 100_000
+
+
+def test_decode_html_prefers_header_then_meta():
+    body = '<meta charset="iso-8859-1"><p>é</p>'.encode("latin-1")
+    assert decode_html(body, "text/html")[1] == "iso8859-1"
+    assert decode_html("é".encode(), "text/html; charset=UTF-8") == ("é", "utf-8")
+
+
+# -- downloads over loopback ----------------------------------------------------------------------
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files with Range support; the first full request for *.flaky is cut off half way."""
+
+    cut_once: set[str] = set()
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        path = Path(self.directory) / self.path.lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        start = 0
+        rng = self.headers.get("Range")
+        if rng:
+            start = int(rng.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if path.suffix == ".flaky" and self.path not in self.cut_once:
+            self.cut_once.add(self.path)
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "srv"
+    root.mkdir()
+    handler = lambda *a, **k: RangeHandler(*a, directory=str(root), **k)  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_download_resumes_a_cut_transfer(server, tmp_path):
+    root, base = server
+    payload = random.Random(0).randbytes(300_000)
+    (root / "big.flaky").write_bytes(payload)
+    out = download(f"{base}/big.flaky", tmp_path / "dl" / "big", retries=3, backoff=0.01)
+    assert out.read_bytes() == payload
+    assert not (tmp_path / "dl" / "big.part").exists()
+
+
+def test_download_gives_up_on_404(server, tmp_path):
+    _, base = server
+    with pytest.raises(Exception, match="404"):
+        download(f"{base}/missing.warc.gz", tmp_path / "x", retries=1, backoff=0.01)
+
+
+def test_paths_listing_expands_to_urls_and_downloads(server, tmp_path):
+    root, base = server
+    (root / "crawl" / "segments").mkdir(parents=True)
+    make_warc(root / "crawl" / "segments" / "a.warc.gz", n=2)
+    make_warc(root / "crawl" / "segments" / "b.warc.gz", n=3)
+    listing = root / "warc.paths.gz"
+    listing.write_bytes(gzip.compress(b"crawl/segments/a.warc.gz\ncrawl/segments/b.warc.gz\n"))
+    urls = expand_inputs(f"{base}/warc.paths.gz", base_url=base, cache_dir=tmp_path / "cache")
+    assert urls == [f"{base}/crawl/segments/a.warc.gz", f"{base}/crawl/segments/b.warc.gz"]
+    total = sum(len(read_all(download(u, tmp_path / "cache" / Path(u).name))[0]) for u in urls)
+    assert total == 5
