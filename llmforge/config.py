@@ -107,17 +107,59 @@ class TokenizerConfig:
     vocab_size: int = 8192
     num_sentinels: int = 100
     min_frequency: int = 2
-    sample_documents: int = 100_000  # trained on the first N documents of the (deterministic) corpus
+    sample_fraction: float = 1.0  # documents chosen by id hash, in shard order ...
+    sample_chars: int = 200_000_000  # ... until this many characters
+
+
+@dataclass
+class ReaderConfig:
+    max_record_bytes: int = 10 << 20
+
+
+@dataclass
+class ExtractConfig:
+    enabled: bool = True
+    main_content: bool = True
+    max_html_chars: int = 2_000_000
+    timeout_s: float = 5.0
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    threshold: float = 0.8
+    num_perm: int = 128
+    ngram: int = 5
+    seed: int = 1
+    bands: int | None = None  # None: chosen for the threshold by llmforge.prep.dedup.lsh_params
+    rows: int | None = None
+
+
+@dataclass
+class ExecutorConfig:
+    name: str = "local"  # local | slurm
+    workers: int = 2
+    slurm: dict[str, Any] = field(default_factory=dict)  # submitit parameters
 
 
 @dataclass
 class PrepareConfig:
-    input: str = "stdlib"  # "stdlib" (embedded default) or a glob of text files
+    input: Any = "demo"  # "demo", "stdlib", paths, globs, URLs or *.paths.gz listings (a string or a list)
     output_dir: str = "data/demo"
+    base_url: str = "https://data.commoncrawl.org/"
+    files_per_shard: int = 1000  # plain text files grouped per shard
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    clean: dict[str, Any] = field(default_factory=dict)  # llmforge.prep.clean.Clean arguments + enabled
+    filters: dict[str, Any] = field(default_factory=dict)  # llmforge.prep.filters.build_filters
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     val_fraction: float = 0.02
     shard_tokens: int = 1 << 26
-    force: bool = False
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    dropped_samples: int = 50  # per step and reason, in output_dir/dropped/
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    progress: bool = True
 
 
 def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -15,7 +15,10 @@ from warcio.warcwriter import WARCWriter
 
 from llmforge.prep.readers import WarcReader, decode_html, download, expand_inputs
 
-PAGE = "<html><head><title>T{i}</title></head><body><p>Página número {i}: café, naïve, Œuvre — “quotes”.</p></body></html>"
+PAGE = (
+    "<html><head><title>T{i}</title></head>"
+    "<body><p>Página número {i}: café, naïve, Œuvre — “quotes”.</p></body></html>"
+)
 
 
 def response(

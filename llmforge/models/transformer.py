@@ -2,11 +2,27 @@
 
 A pre-norm decoder in the Llama family: RMSNorm, rotary position embeddings (RoPE), SwiGLU MLP,
 ``F.scaled_dot_product_attention``, optional grouped-query attention and weight tying, and a scaled
-initialisation of the residual projections (GPT-2 / Megatron: std / sqrt(2 * n_layers)).
+initialisation of the residual projections (GPT-2 / Megatron: std / sqrt(number of residual branches)).
 
-Q, K and V are one fused projection, and so are the SwiGLU gate and up projections: one large matmul is
-faster than three small ones, most of all on CPU. The weights split back into Llama's separate matrices on
-export. Nothing here imports Lightning, Hydra or torch.distributed.
+Three architectures share the same blocks and the same `TransformerConfig`:
+
+- `Transformer`: decoder-only causal LM (GPT / Llama), for ``objective=clm``;
+- `Encoder`: the same stack without the causal mask and an MLM head (BERT), for ``objective=mlm``; it can
+  compute logits at the masked positions only;
+- `EncoderDecoder`: an encoder stack and a decoder stack whose blocks add cross-attention to the encoder's
+  output (T5), one embedding shared by both, for ``objective=denoise``. Self-attention uses RoPE in both
+  stacks; cross-attention has none (the encoder states already carry their positions).
+
+A size preset (``conf/model/*.yaml``) describes one stack: ``n_layers`` blocks of ``d_model`` width. The
+encoder uses it as is (``model=125m`` is a BERT-base-shaped encoder, the same parameter count as the
+decoder); the encoder-decoder has ``n_layers`` encoder blocks and ``n_decoder_layers`` decoder blocks
+(default: ``n_layers`` too, T5's convention: T5-base is two BERT-base-sized stacks). Its parameter count is
+about twice the preset's name, its compute per token about the same as the decoder's, because targets are
+short. Set ``model.n_decoder_layers`` (and ``model.n_layers``) to split a budget differently.
+
+Q, K and V are one fused projection, and so are the SwiGLU gate and up projections (and cross-attention's
+K and V): one large matmul is faster than several small ones, most of all on CPU. The weights split back into
+Llama's separate matrices on export. Nothing here imports Lightning, Hydra or torch.distributed.
 """
 
 from __future__ import annotations
@@ -36,6 +52,7 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    n_decoder_layers: int | None = None  # encoder-decoder only; None: as many as n_layers
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -46,6 +63,8 @@ class TransformerConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head dimension {self.head_dim} must be even for RoPE")
+        if self.n_decoder_layers is not None and self.n_decoder_layers < 1:
+            raise ValueError(f"model.n_decoder_layers must be >= 1 (or null), got {self.n_decoder_layers}")
 
     @property
     def kv_heads(self) -> int:
@@ -56,6 +75,10 @@ class TransformerConfig:
         return self.d_model // self.n_heads
 
     @property
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layers or self.n_layers
+
+    @property
     def hidden(self) -> int:
         if self.ffn_hidden:
             return self.ffn_hidden
@@ -63,31 +86,83 @@ class TransformerConfig:
         return self.multiple_of * math.ceil(raw / self.multiple_of)
 
 
-def num_params(cfg: TransformerConfig, *, include_embedding: bool = True) -> int:
-    """Exact parameter count from the config alone (checked against the module in the tests)."""
-    if cfg.vocab_size is None:
-        raise ValueError("num_params needs model.vocab_size")
+ARCHITECTURES = ("decoder", "encoder", "encdec")
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch={arch!r} is not one of {', '.join(ARCHITECTURES)}")
+
+
+def _block_params(cfg: TransformerConfig) -> tuple[int, int]:
+    """(self-attention + SwiGLU block, cross-attention sub-layer with its norm) parameter counts."""
     d, kv = cfg.d_model, cfg.kv_heads * cfg.head_dim
     attn = d * (d + 2 * kv) + d * d
     mlp = 3 * d * cfg.hidden
     block = attn + mlp + 2 * d  # two RMSNorm weights
+    cross = d * d + d * 2 * kv + d * d + d  # q, fused kv, out, and its RMSNorm
+    return block, cross
+
+
+def num_params(cfg: TransformerConfig, *, include_embedding: bool = True, arch: str = "decoder") -> int:
+    """Exact parameter count from the config alone (checked against the modules in the tests).
+
+    ``arch``: ``decoder`` (`Transformer`), ``encoder`` (`Encoder`: the same parameters) or ``encdec``
+    (`EncoderDecoder`: encoder blocks and norm, decoder blocks with cross-attention and norm, one shared
+    embedding, the head).
+    """
+    _check_arch(arch)
+    if cfg.vocab_size is None:
+        raise ValueError("num_params needs model.vocab_size")
+    d = cfg.d_model
+    block, cross = _block_params(cfg)
     body = cfg.n_layers * block + d  # final norm
+    if arch == "encdec":
+        body += cfg.decoder_layers * (block + cross) + d  # decoder blocks and their final norm
     emb = cfg.vocab_size * d
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
     return body + head + (emb if include_embedding else 0)
 
 
-def flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), the PaLM appendix-B formula.
+def flops_per_token(
+    cfg: TransformerConfig,
+    seq_len: int,
+    *,
+    arch: str = "decoder",
+    target_len: int = 0,
+    predicted: int | None = None,
+) -> float:
+    """Training FLOPs per (input) token, forward + backward, the PaLM appendix-B formula.
 
     6 * N for every weight matmul (N excludes the embedding lookup, includes the output head, which is a
-    matmul even when tied) plus 12 * n_layers * d_model * seq_len for the attention scores and the weighted
-    sum (not halved for the causal mask, as in PaLM and Chinchilla's accounting).
+    matmul even when tied, and, by the PaLM convention, the norm weights) plus 12 * n_layers * d_model *
+    seq_len for the attention scores and the weighted sum (not halved for the causal mask, as in PaLM and
+    Chinchilla's accounting).
+
+    ``decoder`` and ``encoder`` cost the same; ``predicted`` is the number of the ``seq_len`` positions whose
+    logits are computed (default all; the MLM objective computes them at the masked positions only).
+    ``encdec``: everything one example of ``seq_len`` encoder inputs and ``target_len`` decoder inputs costs,
+    divided by ``seq_len``: the encoder on the inputs, the decoder and the head on the targets, the
+    cross-attention K/V projections on the inputs, its scores on targets x inputs.
     """
-    n = num_params(cfg, include_embedding=False)
-    if cfg.tie_embeddings:
-        n += cfg.vocab_size * cfg.d_model  # the tied head still costs a matmul
-    return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+    _check_arch(arch)
+    if cfg.vocab_size is None:
+        raise ValueError("flops_per_token needs model.vocab_size")
+    d, head = cfg.d_model, cfg.vocab_size * cfg.d_model
+    block, cross = _block_params(cfg)
+    if arch != "encdec":
+        trunk = cfg.n_layers * block + d  # blocks and final norm
+        positions = seq_len if predicted is None else predicted
+        total = 6.0 * (trunk * seq_len + head * positions) + 12.0 * cfg.n_layers * d * seq_len * seq_len
+        return total / seq_len if seq_len else 6.0 * (trunk + head)
+    kv = 2 * d * cfg.kv_heads * cfg.head_dim  # cross-attention K/V projection: runs on the inputs
+    layers = cfg.decoder_layers
+    encoder = 6.0 * (cfg.n_layers * block + d + layers * kv) * seq_len
+    decoder = 6.0 * (layers * (block + cross - kv) + d + head) * target_len
+    attention = 12.0 * d * (
+        cfg.n_layers * seq_len * seq_len + layers * (target_len * target_len + target_len * seq_len)
+    )
+    return (encoder + decoder + attention) / max(seq_len, 1)
 
 
 class RMSNorm(nn.Module):
