@@ -10,6 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 from llmforge.models.transformer import (
+    Encoder,
+    EncoderDecoder,
     Transformer,
     TransformerConfig,
     apply_rope,
@@ -249,3 +251,178 @@ def test_default_hidden_is_rounded_swiglu_width():
     assert cfg.hidden == 256  # int(8 * 96 / 3) = 256
     cfg = small(d_model=104, n_heads=4, multiple_of=64)
     assert cfg.hidden == 320  # int(8 * 104 / 3) = 277, rounded up to a multiple of 64
+
+
+# -- encoder and encoder-decoder -------------------------------------------------------------------
+def build_arch(arch: str, cfg: TransformerConfig, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return {"decoder": Transformer, "encoder": Encoder, "encdec": EncoderDecoder}[arch](cfg).eval()
+
+
+ENCDEC_CONFIGS = {
+    "mha": small(),
+    "gqa": small(n_heads=8, n_kv_heads=2),
+    "tied": small(tie_embeddings=True),
+    "deeper_decoder": small(n_layers=1, n_decoder_layers=3),
+    "ffn_hidden": small(ffn_hidden=72, d_model=48, n_heads=6),
+}
+
+
+def test_encoder_has_the_decoders_parameters_and_sees_both_ways():
+    cfg = CONFIGS["gqa"]
+    enc, dec = build_arch("encoder", cfg), build_arch("decoder", cfg)
+    assert [n for n, _ in enc.named_parameters()] == [n for n, _ in dec.named_parameters()]
+    assert num_params(cfg, arch="encoder") == num_params(cfg) == unique_param_count(enc)
+    tokens = torch.randint(0, 97, (2, 16))
+    changed = tokens.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 97
+    with torch.no_grad():
+        a, b = enc(tokens), enc(changed)
+    assert not torch.allclose(a[:, 0], b[:, 0], atol=1e-5)  # the first position sees the last one
+
+
+def test_encoder_positions_select_rows_of_the_full_logits():
+    cfg = CONFIGS["mha"]
+    enc = build_arch("encoder", cfg)
+    tokens = torch.randint(0, 97, (3, 10))
+    positions = torch.tensor([0, 7, 11, 29])
+    with torch.no_grad():
+        full, sparse = enc(tokens), enc(tokens, positions=positions)
+    assert sparse.shape == (4, 97)
+    torch.testing.assert_close(sparse, full.flatten(0, 1)[positions])
+
+
+def test_padding_mask_hides_padding():
+    """With the mask, padded positions change nothing at the real ones (encoder, and both stacks)."""
+    cfg = CONFIGS["gqa"]
+    enc, ed = build_arch("encoder", cfg), build_arch("encdec", cfg)
+    real = torch.randint(5, 97, (1, 9))
+    padded = torch.cat([real, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 9), torch.zeros(1, 4)], dim=1).bool()
+    dec_in = torch.randint(5, 97, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(enc(padded, mask)[:, :9], enc(real), atol=1e-5, rtol=0)
+        assert not torch.allclose(enc(padded)[:, :9], enc(real), atol=1e-5)  # and the mask is what did it
+        torch.testing.assert_close(ed(padded, dec_in, mask), ed(real, dec_in), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cut", [1, 5])
+def test_encdec_decoder_is_causal_and_reads_the_encoder(cut):
+    cfg = ENCDEC_CONFIGS["gqa"]
+    model = build_arch("encdec", cfg)
+    g = torch.Generator().manual_seed(cut)
+    inputs = torch.randint(0, 97, (2, 12), generator=g)
+    targets = torch.randint(0, 97, (2, 8), generator=g)
+    changed = targets.clone()
+    changed[:, cut:] = (changed[:, cut:] + 1) % 97
+    with torch.no_grad():
+        a, b = model(inputs, targets), model(inputs, changed)
+        assert a.shape == (2, 8, 97)
+        torch.testing.assert_close(a[:, :cut], b[:, :cut], atol=1e-6, rtol=0)
+        assert not torch.allclose(a[:, cut:], b[:, cut:], atol=1e-4)
+        other = inputs.clone()
+        other[:, -1] = (other[:, -1] + 1) % 97
+        assert not torch.allclose(model(other, targets)[:, 0], a[:, 0], atol=1e-5)  # cross-attention
+
+
+@pytest.mark.parametrize("name", sorted(ENCDEC_CONFIGS))
+def test_encdec_num_params_matches_module(name):
+    cfg = ENCDEC_CONFIGS[name]
+    model = build_arch("encdec", cfg)
+    assert len(model.encoder) == cfg.n_layers and len(model.decoder) == cfg.decoder_layers
+    assert num_params(cfg, arch="encdec") == unique_param_count(model)
+    without = unique_param_count(model) - model.embed.weight.numel()
+    assert num_params(cfg, arch="encdec", include_embedding=False) == without
+    assert (model.head.weight is model.embed.weight) == cfg.tie_embeddings
+
+
+def test_encdec_backward_reaches_every_parameter():
+    model = build_arch("encdec", ENCDEC_CONFIGS["gqa"]).train()
+    model(torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 5))).logsumexp(-1).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_encdec_residual_init_counts_branches_per_stack():
+    cfg = small(vocab_size=500, d_model=128, n_heads=4, n_layers=2, n_decoder_layers=4)
+    model = build_arch("encdec", cfg)
+    enc_std, dec_std = cfg.init_std / math.sqrt(2 * 2), cfg.init_std / math.sqrt(3 * 4)
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            assert torch.equal(p, torch.ones_like(p)), name
+            continue
+        residual = name.endswith(("attn.out.weight", "cross.out.weight", "mlp.down.weight"))
+        want = (enc_std if name.startswith("encoder.") else dec_std) if residual else cfg.init_std
+        assert p.detach().std().item() == pytest.approx(want, rel=0.15), name
+
+
+def test_unknown_arch_and_bad_decoder_layers_raise():
+    with pytest.raises(ValueError, match="arch"):
+        num_params(small(), arch="bert")
+    with pytest.raises(ValueError, match="n_decoder_layers"):
+        small(n_decoder_layers=0)
+
+
+ARCH_PRESETS = [(p, a) for p in sorted(PRESETS) for a in ("encoder", "encdec")]
+
+
+@pytest.mark.parametrize(("preset", "arch"), ARCH_PRESETS)
+def test_presets_build_every_architecture_on_meta(preset, arch):
+    raw = OmegaConf.to_container(OmegaConf.load(MODEL_CONF / f"{preset}.yaml"), resolve=True)
+    cfg = TransformerConfig(**raw)
+    with torch.device("meta"):
+        model = build_arch(arch, cfg)
+    assert all(p.is_meta for p in model.parameters())
+    count = unique_param_count(model)
+    assert count == num_params(cfg, arch=arch)
+    decoder_only = num_params(cfg)
+    if arch == "encoder":
+        assert count == decoder_only
+    else:  # two stacks of the preset's shape (plus cross-attention), one embedding
+        assert 1.8 * decoder_only < count < 2.3 * decoder_only
+
+
+# -- FLOPs against the modules -------------------------------------------------------------------
+def counted_flops(run) -> int:
+    """Matmul FLOPs of forward + backward as torch counts them (SDPA through its math backend, so its
+    matmuls are counted too)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        run().float().sum().backward()
+    return counter.get_total_flops()
+
+
+def norm_weights(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.dim() == 1)
+
+
+@pytest.mark.parametrize("arch", ["decoder", "encoder"])
+@pytest.mark.parametrize("name", ["mha", "gqa", "tied"])
+def test_flops_per_token_matches_counted_matmuls(arch, name):
+    cfg = CONFIGS[name]
+    model = build_arch(arch, cfg).train()
+    b, s = 2, 12
+    tokens = torch.randint(0, 97, (b, s))
+    formula = flops_per_token(cfg, s, arch=arch) * b * s
+    # the formula also counts 6 FLOPs per norm weight and token (the PaLM convention); torch does not
+    assert counted_flops(lambda: model(tokens)) == formula - 6 * norm_weights(model) * b * s
+    if arch == "encoder":
+        positions = torch.tensor([1, 4, 13, 20, 22])
+        sparse = flops_per_token(cfg, s, arch=arch, predicted=5 / b) * b * s  # 5 of b * s positions
+        got = counted_flops(lambda: model(tokens, positions=positions))
+        assert got == pytest.approx(sparse - 6 * norm_weights(model) * b * s)
+
+
+@pytest.mark.parametrize("name", ["mha", "gqa", "tied", "deeper_decoder"])
+def test_encdec_flops_match_counted_matmuls(name):
+    cfg = ENCDEC_CONFIGS[name]
+    model = build_arch("encdec", cfg).train()
+    b, s, t = 2, 12, 5
+    inputs, targets = torch.randint(0, 97, (b, s)), torch.randint(0, 97, (b, t))
+    formula = flops_per_token(cfg, s, arch="encdec", target_len=t) * b * s
+    norms = norm_weights(model.encoder) + model.encoder_norm.weight.numel()
+    norms_dec = norm_weights(model.decoder) + model.norm.weight.numel()
+    expected = formula - 6 * b * (norms * s + norms_dec * t)
+    assert counted_flops(lambda: model(inputs, targets)) == pytest.approx(expected, rel=1e-12)

@@ -152,9 +152,8 @@ def flops_per_token(
     block, cross = _block_params(cfg)
     if arch != "encdec":
         trunk = cfg.n_layers * block + d  # blocks and final norm
-        positions = seq_len if predicted is None else predicted
-        total = 6.0 * (trunk * seq_len + head * positions) + 12.0 * cfg.n_layers * d * seq_len * seq_len
-        return total / seq_len if seq_len else 6.0 * (trunk + head)
+        share = 1 if predicted is None or not seq_len else predicted / seq_len
+        return 6.0 * (trunk + head * share) + 12.0 * cfg.n_layers * d * seq_len
     kv = 2 * d * cfg.kv_heads * cfg.head_dim  # cross-attention K/V projection: runs on the inputs
     layers = cfg.decoder_layers
     encoder = 6.0 * (cfg.n_layers * block + d + layers * kv) * seq_len
@@ -193,7 +192,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def key_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(batch, seq) with 1/True at real tokens -> a boolean SDPA mask (batch, 1, 1, seq) over the keys."""
+    return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool):
+    """SDPA over (batch, heads, seq, head_dim), expanding grouped K/V heads; mask: True = may attend."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if mask is not None and causal:
+        t, s = q.shape[2], k.shape[2]
+        mask = mask & torch.ones(t, s, dtype=torch.bool, device=q.device).tril()
+        causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
 class Attention(nn.Module):
+    """Self-attention with RoPE; causal (decoder) or bidirectional (encoder), optional key padding mask."""
+
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -201,7 +219,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: bool) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        causal: bool,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, t, d = x.shape
         kv = self.kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([d, kv, kv], dim=-1)
@@ -209,10 +234,29 @@ class Attention(nn.Module):
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_heads != self.n_heads:
-            rep = self.n_heads // self.kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        y = attend(q, k, v, mask, causal)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries over the encoder's output (``memory``). No RoPE: the memory carries its positions."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        kv = cfg.kv_heads * cfg.head_dim
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * kv, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        b, t, d = x.shape
+        s = memory.shape[1]
+        q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(memory).view(b, s, 2 * self.kv_heads, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+        y = attend(q, k, v, mask, causal=False)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -229,6 +273,8 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm self-attention + SwiGLU: the block of the decoder-only model and of every encoder."""
+
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -236,9 +282,52 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: bool) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, causal)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        causal: bool,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, causal, mask)
         return x + self.mlp(self.mlp_norm(x))
+
+
+class DecoderBlock(nn.Module):
+    """Encoder-decoder's decoder block: causal self-attention, cross-attention, SwiGLU (each pre-norm)."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.cross_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.cross = CrossAttention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        memory_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, True)
+        x = x + self.cross(self.cross_norm(x), memory, memory_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def init_weights(model: nn.Module, std: float, residual_std: dict[str, float]) -> None:
+    """Normal(0, std) for every matrix; a residual projection (``...attn.out``, ``...cross.out``,
+    ``...mlp.down``) under a name prefix of ``residual_std`` gets that std. Norm weights stay at one."""
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue
+        scaled = name.endswith(("attn.out.weight", "cross.out.weight", "mlp.down.weight"))
+        prefix = next((k for k in residual_std if name.startswith(k)), None) if scaled else None
+        nn.init.normal_(p, mean=0.0, std=std if prefix is None else residual_std[prefix])
 
 
 class Transformer(nn.Module):
@@ -265,23 +354,127 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """Normal(0, init_std) everywhere; residual projections scaled by 1/sqrt(2 * n_layers)."""
         std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue  # norm weights stay at one
-            scaled = name.endswith("attn.out.weight") or name.endswith("mlp.down.weight")
-            nn.init.normal_(p, mean=0.0, std=residual_std if scaled else std)
-        if not self.rope_cos.is_meta:
-            cos, sin = rope_cache(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+        init_weights(self, std, {"blocks.": std / math.sqrt(2 * self.cfg.n_layers)})
+        reset_rope(self, self.cfg)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = tokens.shape[1]
-        if t > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {t} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+    def rope(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_slice(self, t)
+
+    def trunk(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedding and blocks: the residual stream (batch, seq, d_model), before the final norm."""
+        cos, sin = self.rope(tokens.shape[1])
+        mask = key_mask(attention_mask)
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x, cos, sin, self.causal)
+            x = block(x, cos, sin, self.causal, mask)
+        return x
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.trunk(tokens)))
+
+
+def rope_slice(model: nn.Module, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first t rows of a model's cos/sin buffers."""
+    if t > model.cfg.max_seq_len:
+        raise ValueError(f"sequence length {t} exceeds model.max_seq_len={model.cfg.max_seq_len}")
+    return model.rope_cos[:t], model.rope_sin[:t]
+
+
+def reset_rope(model: nn.Module, cfg: TransformerConfig) -> None:
+    if not model.rope_cos.is_meta:
+        cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        model.rope_cos.copy_(cos)
+        model.rope_sin.copy_(sin)
+
+
+class Encoder(Transformer):
+    """Bidirectional encoder with an MLM head (BERT's objective on `Transformer`'s parameters).
+
+    ``attention_mask`` (batch, seq), 1 at real tokens, hides padding from every query. ``positions``: flat
+    indices into (batch * seq) of the tokens to predict; the head then runs on those rows only and the
+    result is (len(positions), vocab): with 15% of the tokens masked, most of the head's matmul is saved.
+    """
+
+    causal = False
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.trunk(tokens, attention_mask)
+        if positions is not None:
+            x = x.flatten(0, 1).index_select(0, positions)
         return self.head(self.norm(x))
+
+
+class EncoderDecoder(nn.Module):
+    """T5-style encoder-decoder: (inputs (batch, s), decoder inputs (batch, t)) -> logits (batch, t, vocab).
+
+    ``n_layers`` encoder `Block`s (bidirectional) and a final norm; ``decoder_layers`` `DecoderBlock`s
+    (causal self-attention, cross-attention to the normed encoder output, SwiGLU) and a final norm; one
+    embedding shared by both stacks, and the head (tied to it if ``tie_embeddings``).
+    """
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is unset: give it, or let the trainer take it from the data")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.encoder_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.decoder_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std); residual projections scaled by 1/sqrt(residual branches in their stack):
+        2 per encoder block, 3 per decoder block."""
+        std = self.cfg.init_std
+        residual = {
+            "encoder.": std / math.sqrt(2 * self.cfg.n_layers),
+            "decoder.": std / math.sqrt(3 * self.cfg.decoder_layers),
+        }
+        init_weights(self, std, residual)
+        reset_rope(self, self.cfg)
+
+    def rope(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_slice(self, t)
+
+    def encode(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        cos, sin = self.rope(tokens.shape[1])
+        mask = key_mask(attention_mask)
+        x = self.embed(tokens)
+        for block in self.encoder:
+            x = block(x, cos, sin, False, mask)
+        return self.encoder_norm(x)
+
+    def decode(
+        self,
+        decoder_tokens: torch.Tensor,
+        memory: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cos, sin = self.rope(decoder_tokens.shape[1])
+        mask = key_mask(attention_mask)
+        x = self.embed(decoder_tokens)
+        for block in self.decoder:
+            x = block(x, memory, cos, sin, mask)
+        return self.head(self.norm(x))
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        decoder_tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``attention_mask`` (batch, s): 1 at real input tokens; hides input padding from both stacks."""
+        return self.decode(decoder_tokens, self.encode(tokens, attention_mask), attention_mask)
