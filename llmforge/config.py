@@ -21,10 +21,37 @@ SCHEDULES = ("cosine", "linear", "constant")
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 
 
+DENOISE_VARIANTS = ("span", "infill")
+
+
 @dataclass
 class ObjectiveConfig:
+    """The objective group's schema: the LightningModule and its name. Objectives with knobs extend it
+    (`MaskedLMConfig`, `DenoiseConfig`); their yaml file names the extension in its defaults list, so a
+    misspelt knob fails at composition like any other key."""
+
     _target_: str = "llmforge.objectives.clm.CausalLM"
     name: str = "clm"
+
+
+@dataclass
+class MaskedLMConfig(ObjectiveConfig):
+    _target_: str = "llmforge.objectives.mlm.MaskedLM"
+    name: str = "mlm"
+    mask_prob: float = 0.15  # share of the maskable tokens (not special, not padding) to predict
+    mask_token_prob: float = 0.8  # of those: replaced by <mask>
+    random_token_prob: float = 0.1  # replaced by a random non-special token; the rest stay as they are
+    whole_word_mask: bool = False  # select whole words (byte-level BPE word starts), not single tokens
+
+
+@dataclass
+class DenoiseConfig(ObjectiveConfig):
+    _target_: str = "llmforge.objectives.denoise.Denoise"
+    name: str = "denoise"
+    variant: str = "span"  # span: T5 span corruption (sentinels); infill: BART text infilling (<mask>)
+    noise_density: float = 0.15  # share of the window's tokens that are corrupted
+    mean_span_length: float = 3.0  # span: mean noise-span length; infill: Poisson lambda of span lengths
+    decoder_start_token: str = "bos"  # special token the decoder starts from
 
 
 @dataclass
@@ -173,6 +200,8 @@ def validate(cfg: Any) -> None:
     check_choice("strategy.name", cfg.strategy.name, STRATEGIES)
     check_choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
     check_choice("hardware.accelerator", cfg.hardware.accelerator, ACCELERATORS)
+    if "variant" in cfg.objective:
+        check_choice("objective.variant", cfg.objective.variant, DENOISE_VARIANTS)
     if cfg.optim.name != "adamw":
         raise ValueError(f"optim.name={cfg.optim.name!r} is not one of adamw")
     if cfg.data.seq_len > cfg.model.max_seq_len:
@@ -186,4 +215,6 @@ def validate(cfg: Any) -> None:
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="objective", name="mlm_schema", node=MaskedLMConfig)
+    cs.store(group="objective", name="denoise_schema", node=DenoiseConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)

@@ -103,6 +103,42 @@ def render_pages(limit: int | None = None) -> list[tuple[str, str]]:
     return pages
 
 
+def article_pages(limit: int | None = None) -> list[tuple[str, str]]:
+    """The standard library's docstrings as article pages with the usual site boilerplate around them."""
+    import html as html_lib
+
+    from llmforge.prep.text import stdlib_documents
+
+    pages = []
+    for i, (path, text) in enumerate(stdlib_documents()):
+        if limit and i >= limit:
+            break
+        name = path.removesuffix(".py").replace("/", ".")
+        blocks = []
+        for para in text.split("\n\n"):
+            para = html_lib.escape(para.strip())
+            if para:
+                code = para.startswith((">>>", "    ")) or para.count("(") > 3
+                blocks.append(f"<pre>{para}</pre>" if code else f"<p>{para}</p>")
+        body = "\n".join(blocks)
+        pages.append(
+            (
+                f"notes/{name}",
+                (
+                    f"<!DOCTYPE html><html><head><title>{name} notes</title></head><body>"
+                    "<header><nav><a href='/'>Home</a> | <a href='/library'>Library</a> | "
+                    "<a href='/search'>Search</a>"
+                    f"</nav></header><main><article><h1>{name}</h1>\n{body}</article></main>"
+                    "<aside><h3>Related</h3><ul><li><a href='/a'>Tutorial</a></li>"
+                    "<li><a href='/b'>FAQ</a></li></ul></aside>"
+                    "<footer>Copyright Python Software Foundation. <a href='/privacy'>Privacy policy</a>"
+                    "</footer></body></html>"
+                ),
+            )
+        )
+    return pages
+
+
 def near_copy(html: str, rng: random.Random, rate: float = 0.02) -> str:
     """The same page with ~rate of its words replaced (a mirror that edited a few words)."""
     words = html.split(" ")
@@ -250,7 +286,8 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=4)
     parser.add_argument("--modules", type=int, default=None, help="at most this many modules (default: all)")
     args = parser.parse_args()
-    for path in write_warcs(args.out_dir, render_pages(args.modules), args.files):
+    pages = render_pages(args.modules) + article_pages(args.modules)
+    for path in write_warcs(args.out_dir, pages, args.files):
         print(path)
 
 

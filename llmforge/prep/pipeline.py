@@ -234,21 +234,19 @@ def dedup_stage(cfg: dict, work_dir: str, n_shards: int) -> dict:
     all_keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
     all_exact = np.concatenate(exact) if exact else np.zeros(0, dtype=np.uint64)
     all_sigs = np.concatenate(sigs) if sigs else np.zeros((0, int(d.get("num_perm", 128))), dtype=np.uint64)
-    if not d.get("exact", True):
-        all_exact = np.arange(all_keys.size, dtype=np.uint64) + np.uint64(1 << 62)  # all distinct
-    result = (
-        find_duplicates(
+    if not d.get("exact", True):  # every document gets its own exact hash: no exact matches
+        all_exact = np.arange(all_keys.size, dtype=np.uint64) + np.uint64(1 << 62)
+    near = {} if d.get("near", True) else {"bands": 1, "rows": all_sigs.shape[1], "verify_threshold": np.inf}
+    result = None
+    if all_keys.size:
+        result = find_duplicates(
             all_keys,
             all_exact,
-            all_sigs if d.get("near", True) else all_sigs[:, :0],
+            all_sigs,
             threshold=float(d.get("threshold", 0.8)),
-            bands=d.get("bands"),
-            rows=d.get("rows"),
+            **({"bands": d.get("bands"), "rows": d.get("rows")} | near),
         )
-        if all_keys.size
-        else None
-    )
-    drop = np.array(sorted(result.drop) if result else [], dtype=np.int64)
+    drop = np.sort(result.drop) if result is not None else np.zeros(0, dtype=np.int64)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "drop.tmp.npy"
     np.save(tmp, drop)
@@ -257,7 +255,7 @@ def dedup_stage(cfg: dict, work_dir: str, n_shards: int) -> dict:
         "docs_in": int(all_keys.size),
         "docs_out": int(all_keys.size - drop.size),
         "seconds": time.perf_counter() - start,
-        **(result.stats if result else {}),
+        **(result.stats() if result is not None else {}),
     }
     write_json(out / "stats.json", stats)
     write_marker(out / "dedup.done", h)
@@ -490,7 +488,7 @@ def finalize(
         tokenizer_sha256=sha256_file(out / TOKENIZER_FILE),
         splits=splits,
         source=source,
-        config_hash=digest(cfg),
+        config_hash=digest({k: v for k, v in cfg.items() if k != "output_dir"}),
     )
 
 

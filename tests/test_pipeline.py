@@ -1,0 +1,139 @@
+"""The data stage end to end: a real (small) crawl through every step, resumability and determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmforge.data.shards import ShardSet
+from tests.conftest import clean_env, run_cli
+
+OUTPUTS = ("manifest.json", "tokenizer.json", "*.bin", "*.idx")
+
+
+@pytest.fixture(scope="module")
+def crawl(tmp_path_factory) -> Path:
+    """A 4-file demo crawl of 24 stdlib modules (pydoc pages and docstring articles, with duplicates)."""
+    out = tmp_path_factory.mktemp("crawl")
+    subprocess.run(
+        [sys.executable, "-m", "llmforge.prep.demo_warc", str(out), "--modules", "24"],
+        check=True,
+        env=clean_env(),
+        capture_output=True,
+    )
+    return out
+
+
+def prepare_args(crawl: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"input={crawl}/*.warc.gz",
+        f"output_dir={out}",
+        "tokenizer.vocab_size=600",
+        "tokenizer.num_sentinels=8",
+        "progress=false",
+        "filters.language.enabled=false",
+        *extra,
+    ]
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    files = sorted(p for pattern in OUTPUTS for p in out.glob(pattern))
+    return {p.name: p.read_bytes() for p in files}
+
+
+def test_pipeline_end_to_end(crawl, tmp_path):
+    out = tmp_path / "ds"
+    proc = run_cli("llmforge.prepare", *prepare_args(crawl, out), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    funnel = manifest["source"]["funnel"]
+    assert set(funnel) == {"extract", "clean", "word_count", "alnum", "gopher_quality", "repetition"}
+    assert funnel["extract"]["dropped"].get("no_text", 0) > 0  # the navigation stubs
+    assert (
+        manifest["source"]["dedup"]["exact_dropped"] > 0 and manifest["source"]["dedup"]["near_dropped"] > 0
+    )
+    assert manifest["source"]["reader"]["skipped"]["not_html"] > 0
+    train = ShardSet.open(out, "train", verify=True)
+    assert train.num_tokens > 10_000 and train.num_documents == manifest["splits"]["train"]["documents"]
+    report = (out / "report.md").read_text()
+    assert "| dedup |" in report and "too_few_words" in report
+    samples = list((out / "dropped").rglob("*.jsonl"))
+    assert samples and all(len(p.read_text().splitlines()) <= 50 for p in samples)
+    stats = json.loads((out / "stats.json").read_text())
+    assert len(stats["shards"]) == 4 and all("docs_per_s" in s for s in stats["shards"][0]["steps"])
+
+    before = outputs(out)
+    markers = {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*.done")}
+    again = run_cli("llmforge.prepare", *prepare_args(crawl, out), cwd=tmp_path, timeout=300)
+    assert again.returncode == 0
+    assert outputs(out) == before
+    assert {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*.done")} == markers  # nothing redone
+
+
+def test_one_and_two_workers_give_identical_bytes(crawl, tmp_path):
+    results = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        proc = run_cli(
+            "llmforge.prepare",
+            *prepare_args(crawl, out, f"executor.workers={workers}"),
+            cwd=tmp_path,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(outputs(out))
+    assert results[0] == results[1] and len(results[0]) >= 6
+
+
+def test_changed_config_redoes_only_what_changed(crawl, tmp_path):
+    out = tmp_path / "ds"
+    assert run_cli("llmforge.prepare", *prepare_args(crawl, out), cwd=tmp_path, timeout=300).returncode == 0
+    work = out / "work"
+    done = {str(p.relative_to(work)): p.stat().st_mtime_ns for p in work.rglob("*.done")}
+    # the tokenizer's vocabulary changes: reading, filtering and dedup stay, tokenizer and tokenize redo
+    proc = run_cli(
+        "llmforge.prepare", *prepare_args(crawl, out, "tokenizer.vocab_size=700"), cwd=tmp_path, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = {str(p.relative_to(work)): p.stat().st_mtime_ns for p in work.rglob("*.done")}
+    redone = {name for name in done if after[name] != done[name]}
+    assert redone == {"tokenizer/tokenizer.done", *(f"tokenize/{i:05d}.done" for i in range(4))}
+    assert json.loads((out / "manifest.json").read_text())["vocab_size"] == 700
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_point_then_rerun_gives_identical_bytes(crawl, tmp_path):
+    reference = tmp_path / "ref"
+    assert (
+        run_cli("llmforge.prepare", *prepare_args(crawl, reference), cwd=tmp_path, timeout=300).returncode
+        == 0
+    )
+    expected = outputs(reference)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "llmforge.prepare", *prepare_args(crawl, out, "executor.workers=2")]
+    rng = random.Random(7)
+    for delay in sorted(rng.uniform(0.5, 9.0) for _ in range(4)):
+        proc = subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env=clean_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, mid-write wherever they are
+        proc.wait()
+    final = run_cli(
+        "llmforge.prepare", *prepare_args(crawl, out, "executor.workers=2"), cwd=tmp_path, timeout=300
+    )
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert outputs(out) == expected
