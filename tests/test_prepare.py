@@ -21,6 +21,8 @@ def test_prepare_text_files_then_skip_then_rebuild(tmp_path):
         (tmp_path / "in" / name).write_text(text)
     out = tmp_path / "ds"
     args = [
+        "pipeline=text",
+        "progress=false",
         f"input={tmp_path}/in/**/*.txt",
         f"output_dir={out}",
         "tokenizer.vocab_size=400",
@@ -35,17 +37,20 @@ def test_prepare_text_files_then_skip_then_rebuild(tmp_path):
     docs = list(ShardSet.open(out, "train", verify=True).documents())
     assert all(int(d[-1]) == manifest["special_tokens"]["eos"] for d in docs)
 
+    markers = {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*.done")}
     again = run_cli("llmforge.prepare", *args, cwd=tmp_path, timeout=120)
-    assert again.returncode == 0 and "up to date" in again.stdout
+    assert again.returncode == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*.done")} == markers
     changed = run_cli("llmforge.prepare", *args[:-1], "val_fraction=0.5", cwd=tmp_path, timeout=120)
-    assert changed.returncode == 0 and "up to date" not in changed.stdout
+    assert changed.returncode == 0, changed.stderr
     assert json.loads((out / "manifest.json").read_text())["config_hash"] != manifest["config_hash"]
-    assert not (tmp_path / "ds.tmp").exists() and not (tmp_path / "ds.old").exists()
+    assert json.loads((out / "manifest.json").read_text())["splits"]["val"]["documents"] > 0
 
 
 def test_prepare_reports_missing_input(tmp_path):
     proc = run_cli(
         "llmforge.prepare",
+        "pipeline=text",
         f"input={tmp_path}/nothing/*.txt",
         f"output_dir={tmp_path}/ds",
         cwd=tmp_path,
