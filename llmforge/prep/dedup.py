@@ -12,6 +12,15 @@ Two stages, so that the expensive part runs in parallel and the decision is glob
    All rows are first sorted by key and every later step breaks ties by key, so the answer depends on the
    keys only, never on the worker count or the order of the rows.
 
+Usage (the pipeline's two passes)::
+
+    hasher = MinHasher(num_perm=128, ngram=5, seed=1)
+    save_signatures(f"sig/{shard:05d}.npz", range(len(texts)), texts, hasher)   # each shard, any worker
+    paths = sorted(glob("sig/*.npz"))
+    keys, exact, sigs = load_signatures(paths, shards=[int(Path(p).stem) for p in paths])   # once
+    result = find_duplicates(keys, exact, sigs, threshold=0.8)                  # bands, rows: lsh_params
+    drop = set(result.for_shard(shard).tolist())                                # each shard, when filtering
+
 Signatures are bit-for-bit those of ``datasketch.MinHash(num_perm, seed, scheme=...)`` updated with the
 same shingles (SHA-1 based 32-bit hash of each shingle's UTF-8 bytes, permutations drawn from
 ``np.random.RandomState(seed)`` as datasketch draws them), computed with numpy over many shingles at once
@@ -32,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
 import sys
 import tempfile
 import unicodedata
@@ -63,21 +71,18 @@ __all__ = [
 
 
 @lru_cache(maxsize=1)
-def _punctuation_re() -> re.Pattern:
-    """A character class of every Unicode punctuation code point (categories Pc Pd Ps Pe Pi Pf Po).
+def _punctuation() -> tuple[np.ndarray, dict[int, str]]:
+    """Every Unicode punctuation code point (categories Pc Pd Ps Pe Pi Pf Po) as a lookup table, and the
+    ASCII ones as a `str.translate` table.
 
     Built once a process (~0.3 s) from the interpreter's Unicode database. Symbols (S*) and combining marks
     (M*) are kept: marks are part of words in many scripts.
     """
-    ranges: list[tuple[int, int]] = []
+    is_punct = np.zeros(sys.maxunicode + 1, dtype=bool)
     for cp in range(sys.maxunicode + 1):
         if unicodedata.category(chr(cp))[0] == "P":
-            if ranges and ranges[-1][1] == cp - 1:
-                ranges[-1] = (ranges[-1][0], cp)
-            else:
-                ranges.append((cp, cp))
-    parts = [re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges]
-    return re.compile("[" + "".join(parts) + "]+")
+            is_punct[cp] = True
+    return is_punct, {cp: " " for cp in np.flatnonzero(is_punct[:128]).tolist()}
 
 
 def normalize_for_dedup(text: str) -> str:
@@ -86,8 +91,16 @@ def normalize_for_dedup(text: str) -> str:
     Replacing (rather than deleting) punctuation keeps ``word,word`` two words. The result depends on the
     interpreter's Unicode database version (NFKC and categories), which changes rarely.
     """
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = _punctuation_re().sub(" ", text)
+    is_punct, ascii_table = _punctuation()
+    if not text.isascii():  # ASCII is NFKC already
+        text = unicodedata.normalize("NFKC", text)
+    text = text.lower()
+    if text.isascii():
+        text = text.translate(ascii_table)  # CPython's fast path for ASCII
+    else:  # one vectorised lookup over the code points (str.translate or re take ~100 ns a character)
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).copy()
+        cps[is_punct[cps]] = 32
+        text = cps.tobytes().decode("utf-32-le", "surrogatepass")
     return " ".join(text.split())
 
 
@@ -163,7 +176,7 @@ class MinHasher:
 
     ``signature(text)`` equals ``datasketch.MinHash(num_perm, seed, scheme=scheme)`` after ``update(s)`` for
     every ``s in shingles(text, ngram)``, bit for bit. Cheap to construct and picklable (ship it to workers).
-    ``chunk`` bounds the working buffer: at most ``chunk x num_perm`` permuted values at a time.
+    ``chunk`` bounds the working buffer: at most ``num_perm x chunk`` permuted values at a time.
     """
 
     def __init__(
@@ -216,13 +229,17 @@ class MinHasher:
         return np.frombuffer(digests, dtype="<u4").reshape(-1, 5)[:, 0].astype(self.dtype)
 
     def _permute(self, hv: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Permuted values (len(hv), num_perm) into `out`, with datasketch's exact integer arithmetic."""
-        out = out[: len(hv)]
+        """Permuted values, shape (num_perm, len(hv)) in `out`, with datasketch's exact integer arithmetic.
+
+        Permutations along rows: the per-document minimum is then a reduction along contiguous memory
+        (~10x faster than reducing along axis 0 of the transposed layout)."""
+        out = out[:, : len(hv)]
+        a, b = self._a[:, None], self._b[:, None]
         if self.scheme == "legacy":
             # (a*h + b) mod (2**61 - 1), computed in wrapping uint64 like datasketch, then & (2**32 - 1).
             # x mod p for p = 2**61 - 1 and x < 2**64: (x & p) + (x >> 61) < 2p, so one conditional subtract.
-            np.multiply(hv[:, None], self._a[None, :], out=out)
-            np.add(out, self._b[None, :], out=out)
+            np.multiply(a, hv[None, :], out=out)
+            np.add(out, b, out=out)
             hi = out >> np.uint64(61)
             np.bitwise_and(out, _MERSENNE, out=out)
             np.add(out, hi, out=out)
@@ -230,8 +247,8 @@ class MinHasher:
             np.bitwise_and(out, _MAX32, out=out)
         else:
             h = _fmix32(hv) if self.scheme == "affine32" else _fmix64(hv)
-            np.multiply(h[:, None], self._a[None, :], out=out)
-            np.add(out, self._b[None, :], out=out)
+            np.multiply(a, h[None, :], out=out)
+            np.add(out, b, out=out)
         return out
 
     def _reduce(self, hashes: list[np.ndarray], out: np.ndarray, buf: np.ndarray) -> None:
@@ -246,11 +263,11 @@ class MinHasher:
             d0 = int(np.searchsorted(starts, p0, side="right")) - 1
             d1 = int(np.searchsorted(starts, p1, side="left"))
             seg = np.maximum(starts[d0:d1], p0) - p0
-            np.minimum(out[d0:d1], np.minimum.reduceat(phv, seg, axis=0), out=out[d0:d1])
+            np.minimum(out[d0:d1], np.minimum.reduceat(phv, seg, axis=1).T, out=out[d0:d1])
 
     def _signatures_normalized(self, normalized: Iterable[str]) -> np.ndarray:
         rows: list[np.ndarray] = []
-        buf = np.empty((self.chunk, self.num_perm), dtype=self.dtype)
+        buf = np.empty((self.num_perm, self.chunk), dtype=self.dtype)
         pending: list[np.ndarray] = []
         pending_len = 0
 
