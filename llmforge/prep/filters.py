@@ -373,8 +373,12 @@ def repetition_stats(
 ) -> dict[str, float]:
     """All of Gopher's repetition measures of a text (for analysis; the filter stops at the first failure).
 
-    Definitions (Rae et al. 2021, appendix A.1.1 / Table A1, made precise the way datatrove's
-    ``GopherRepetitionFilter`` reads them, with its overlap handling made exact):
+    Definitions (Rae et al. 2021, appendix A.1.1 / Table A1, which leave details open). As in datatrove's
+    ``GopherRepetitionFilter``, an item is a duplicate when it repeats an earlier one (the first occurrence
+    is the original). Unlike it: blank lines are not lines (datatrove's ``splitlines`` counts them, so text
+    with blank lines between paragraphs scores as repetitive), overlapping n-grams are counted exactly
+    (datatrove skips ahead greedily), and n-gram characters are word characters on both sides of the ratio
+    (datatrove divides joined n-grams, spaces included, by the whole text's length).
 
     - lines are the non-blank lines, stripped; paragraphs are separated by blank lines, stripped. (Blank
       lines are not lines: a text with one blank line between paragraphs is not "duplicate lines".)
