@@ -107,6 +107,10 @@ def test_normalize():
     assert normalize_for_dedup("café") == normalize_for_dedup("cafe\u0301")  # composed = decomposed
     assert normalize_for_dedup("¿Qué?") == "qué"
     assert normalize_for_dedup("...") == ""
+    assert normalize_for_dedup("Cost: $5 + 3 = 8 €") == "cost $5 + 3 = 8 €"  # symbols are not punctuation
+    assert normalize_for_dedup("bad\udcff, byte") == "bad\udcff byte"  # lone surrogates pass through
+    assert shingles("bad\udcff, byte", ngram=2) == ["bad\udcff byte".encode("utf-8", "surrogatepass")]
+    assert exact_hash("bad\udcff, byte") == exact_hash("BAD\udcff byte")
 
 
 def test_exact_hash_is_stable_and_normalised():

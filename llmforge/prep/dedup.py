@@ -30,10 +30,10 @@ uint32 values), ``"legacy"`` (datasketch < 2.0: ``(a*h+b) mod (2**61-1)`` trunca
 uint64) and ``"affine64"``.
 
 Memory of the global stage: the signature matrix, ``n x num_perm x 4`` bytes for affine32 (512 B a
-document at 128 permutations: 1 M documents ~ 0.5 GB; 8 bytes a value for legacy/affine64), plus 16
-bytes a document for keys and exact hashes and, transiently while banding, ~40 bytes a document for one
-band's hashes and sort order, plus the candidate pairs (16 bytes each). Beyond RAM, the global stage would
-have to work band by band on disk (as datatrove does); that is not implemented here.
+document at 128 permutations: 1 M documents ~ 0.5 GB; 8 bytes a value for legacy/affine64; loaded once,
+never copied whole), plus ~150 bytes a document for keys, exact hashes, orderings and, transiently, one
+band's values, hashes and sort order, plus the candidate pairs (~24 bytes each). Beyond RAM, the global
+stage would have to work band by band on disk (as datatrove does); that is not implemented here.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def normalize_for_dedup(text: str) -> str:
     return " ".join(text.split())
 
 
-def _blake64(data: bytes) -> int:
+def _exact_normalized(normalized: str) -> int:
+    data = normalized.encode("utf-8", "surrogatepass")
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
@@ -112,7 +113,7 @@ def exact_hash(text: str) -> int:
     """64-bit hash (0 <= h < 2**64) of the normalised text: BLAKE2b, so stable across processes, machines and
     Python versions (never Python's salted ``hash()``). Collisions: ~n**2 / 2**65, i.e. about one pair in
     a corpus of a billion documents."""
-    return _blake64(normalize_for_dedup(text).encode("utf-8"))
+    return _exact_normalized(normalize_for_dedup(text))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def shingles(text: str, ngram: int = 5) -> list[bytes]:
     A document of fewer than `ngram` words gives one shingle of all its words (``b""`` for an empty one)."""
     if ngram < 1:
         raise ValueError(f"ngram must be >= 1, got {ngram}")
-    data = normalize_for_dedup(text).encode("utf-8")
+    data = normalize_for_dedup(text).encode("utf-8", "surrogatepass")
     starts, ends = _word_spans(data, ngram)
     return [data[s:e] for s, e in zip(starts, ends, strict=True)]
 
@@ -218,7 +219,7 @@ class MinHasher:
 
     def _shingle_hashes(self, normalized: str) -> np.ndarray:
         """datasketch's sha1_hash32 (or sha1_hash64 for affine64) of every shingle, as one array."""
-        data = normalized.encode("utf-8")
+        data = normalized.encode("utf-8", "surrogatepass")
         starts, ends = _word_spans(data, self.ngram)
         sha1 = hashlib.sha1
         digests = b"".join([sha1(data[s:e]).digest() for s, e in zip(starts, ends, strict=True)])
@@ -390,7 +391,7 @@ def save_signatures(
         raise ValueError(f"{len(doc)} keys for {len(normalized)} texts")
     if len(doc) and (doc.min() < 0 or doc.max() >= 1 << _DOC_BITS):
         raise ValueError("document indices must be in [0, 2**32)")
-    exact = np.fromiter((_blake64(t.encode("utf-8")) for t in normalized), dtype=np.uint64, count=len(doc))
+    exact = np.fromiter((_exact_normalized(t) for t in normalized), dtype=np.uint64, count=len(doc))
     sig = hasher._signatures_normalized(normalized)
     cfg = hasher.config()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -427,24 +428,30 @@ def load_signatures(
     the smallest key" means the same document on every run. Files written with different hasher settings
     are refused.
     """
+    if not paths:
+        raise ValueError("no signature files given")
     if shards is not None and len(shards) != len(paths):
         raise ValueError(f"{len(shards)} shard indices for {len(paths)} files")
-    keys, exact, sigs = [], [], []
-    config = None
-    for i, p in enumerate(paths):
+    keys, exact = [], []
+    config, num_perm, dtype = None, 0, None
+    for i, p in enumerate(paths):  # first pass: small arrays and settings (npz members load lazily)
         with np.load(p, allow_pickle=False) as z:
             cfg = {k: z[k].item() for k in ("num_perm", "ngram", "seed", "scheme")}
             if config is None:
-                config = cfg
+                config, num_perm = cfg, int(cfg["num_perm"])
+                dtype = np.uint32 if cfg["scheme"] == "affine32" else np.uint64
             elif cfg != config:
                 raise ValueError(f"{p}: hasher settings {cfg} differ from {config}")
-            shard = i if shards is None else int(shards[i])
-            keys.append(pack_keys(shard, z["doc"]))
+            keys.append(pack_keys(i if shards is None else int(shards[i]), z["doc"]))
             exact.append(z["exact"].astype(np.uint64))
-            sigs.append(z["sig"])
-    if not paths:
-        raise ValueError("no signature files given")
-    return np.concatenate(keys), np.concatenate(exact), np.concatenate(sigs)
+    # second pass: signatures straight into one preallocated matrix (peak memory: the matrix + one shard)
+    sigs = np.empty((sum(len(k) for k in keys), num_perm), dtype=dtype)
+    row = 0
+    for p, k in zip(paths, keys, strict=True):
+        with np.load(p, allow_pickle=False) as z:
+            sigs[row : row + len(k)] = z["sig"]
+        row += len(k)
+    return np.concatenate(keys), np.concatenate(exact), sigs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -500,6 +507,15 @@ class DedupResult:
             "threshold": self.threshold,
             "verify_threshold": self.verify_threshold,
         }
+
+
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """np.unique for a 1-D integer array, by sorting (numpy 2.3+'s hash-based np.unique was ~50x slower
+    on millions of pair codes)."""
+    x = np.sort(x)
+    if len(x) > 1:
+        x = x[np.concatenate(([True], x[1:] != x[:-1]))]
+    return x
 
 
 def _band_hash(cols: np.ndarray, salt: int) -> np.ndarray:
@@ -617,23 +633,24 @@ def find_duplicates(
     rep = np.empty(n, dtype=np.int64)
     rep[by_hash] = group_head  # each row's exact representative (itself when unique)
     survivors = np.flatnonzero(rep == np.arange(n))
-    sig = np.ascontiguousarray(signatures[order[survivors]])
+    src = order[survivors]  # survivor i (in key order) is row src[i] of `signatures`, never copied whole
     m = len(survivors)
 
     # 2. LSH banding over the survivors, candidate pairs deduplicated across bands.
-    codes = []
+    code = np.empty(0, dtype=np.int64)  # pair (a, b), a < b, as a * m + b; merged band by band
     for band in range(bands):
-        a, b = _bucket_pairs(_band_hash(sig[:, band * rows : (band + 1) * rows], band), bucket_window)
+        block = signatures[src, band * rows : (band + 1) * rows]
+        a, b = _bucket_pairs(_band_hash(block, band), bucket_window)
         if len(a):
-            codes.append(np.unique(a * m + b))
-    code = np.unique(np.concatenate(codes)) if codes else np.empty(0, dtype=np.int64)
+            code = _sorted_unique(np.concatenate([code, a * m + b]))
     a_all, b_all = code // max(m, 1), code % max(m, 1)
 
     # 3. Verification by the estimated Jaccard over all num_perm values.
     keep = np.zeros(len(code), dtype=bool)
     for s in range(0, len(code), pair_chunk):
         a, b = a_all[s : s + pair_chunk], b_all[s : s + pair_chunk]
-        keep[s : s + pair_chunk] = np.count_nonzero(sig[a] == sig[b], axis=1) >= need
+        equal = signatures[src[a]] == signatures[src[b]]
+        keep[s : s + pair_chunk] = np.count_nonzero(equal, axis=1) >= need
     va, vb = a_all[keep], b_all[keep]
 
     # 4. Clusters: connected components, each kept at its smallest key.
@@ -653,7 +670,7 @@ def find_duplicates(
         near_dropped=near_dropped,
         candidate_pairs=len(code),
         verified_pairs=int(np.count_nonzero(keep)),
-        clusters=len(np.unique(root[root != np.arange(m)])),
+        clusters=len(_sorted_unique(root[root != np.arange(m)])),
         bands=bands,
         rows=rows,
         threshold=threshold,
