@@ -547,7 +547,7 @@ def test_c4_rules_switch_off():
 
 def test_build_filters_default_order_and_c4_off():
     steps = build_filters({})
-    assert [s.name for s in steps] == ["word_count", "alnum", "gopher_quality", "repetition", "language"]
+    assert [s.name for s in steps] == ["word_count", "alnum", "language", "gopher_quality", "repetition"]
     assert [type(s) for s in build_filters({"c4": {"enabled": True}})][-1] is C4LineFilter
 
 
@@ -559,15 +559,15 @@ def test_build_filters_args_enable_and_order_independent_of_dict_order():
         "alnum": {"enabled": True, "min_ratio": 0.5},
     }
     steps = {s.name: s for s in build_filters(cfg)}
-    assert list(steps) == ["word_count", "alnum", "gopher_quality", "language"]
+    assert list(steps) == ["word_count", "alnum", "language", "gopher_quality"]
     assert steps["word_count"].min_words == 10 and steps["word_count"].sample_cap == 3
     assert steps["alnum"].min_ratio == 0.5
     assert steps["language"].languages == {"fr"} and steps["language"].threshold == 0.9
     # French target: the English stop-word rule is turned off unless set explicitly
     assert steps["gopher_quality"].min_stop_words is None
     cfg["gopher_quality"] = {"min_stop_words": 3}
-    assert build_filters(cfg)[2].min_stop_words == 3
-    assert build_filters({"language": {"languages": ["en", "de"]}})[2].min_stop_words == 2
+    assert build_filters(cfg)[3].min_stop_words == 3
+    assert build_filters({"language": {"languages": ["en", "de"]}})[3].min_stop_words == 2
     with pytest.raises(ValueError, match="unknown filter"):
         build_filters({"wordcount": {}})
     with pytest.raises(TypeError):

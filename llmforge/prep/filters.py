@@ -12,16 +12,16 @@ config key         class                 defaults                               
 =================  ====================  ================================================  ===============
 ``word_count``     `WordCountFilter`     50 <= words <= 100,000                            ~0.05 ms
 ``alnum``          `AlphanumericFilter`  >= 0.60 of non-space chars are letters/digits     ~0.3 ms
-``gopher_quality`` `GopherQualityFilter` Gopher's quality rules (below)                    ~0.5 ms
-``repetition``     `RepetitionFilter`    Gopher's repetition thresholds (below)            ~1 ms
 ``language``       `LanguageFilter`      ["en"], top probability >= 0.65, seed 0           ~0.3 ms (Rust),
                                                                                            ~12 ms (Python)
+``gopher_quality`` `GopherQualityFilter` Gopher's quality rules (below)                    ~0.5 ms
+``repetition``     `RepetitionFilter`    Gopher's repetition thresholds (below)            ~1 ms
 ``c4``             `C4LineFilter`        C4's line rules; OFF by default; edits the text   ~0.3 ms
 =================  ====================  ================================================  ===============
 
 With the Rust backend, language detection costs less than the repetition measures, and on a real crawl it
-drops about half of the documents; ``build_filters(cfg, order=...)`` can move it forward (running it before
-``gopher_quality`` also lets the English stop-word rule see each document's language).
+drops about half of the documents, so it runs before the Gopher rules (which then also know each document's
+language for the English stop-word rule); ``build_filters(cfg, order=...)`` takes another order.
 
 Sources of the defaults:
 
@@ -764,12 +764,13 @@ class C4LineFilter(PipelineStep):
 FILTERS: dict[str, type[PipelineStep]] = {
     "word_count": WordCountFilter,
     "alnum": AlphanumericFilter,
+    "language": LanguageFilter,
     "gopher_quality": GopherQualityFilter,
     "repetition": RepetitionFilter,
-    "language": LanguageFilter,
     "c4": C4LineFilter,
 }
-FILTER_ORDER = tuple(FILTERS)  # cheapest first
+# cheapest first; language before the Gopher rules, which then know each document's language (stop words)
+FILTER_ORDER = tuple(FILTERS)
 ENABLED_BY_DEFAULT = {key: key != "c4" for key in FILTER_ORDER}
 
 
