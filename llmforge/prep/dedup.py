@@ -24,10 +24,10 @@ Usage (the pipeline's two passes)::
 Signatures are bit-for-bit those of ``datasketch.MinHash(num_perm, seed, scheme=...)`` updated with the
 same shingles (SHA-1 based 32-bit hash of each shingle's UTF-8 bytes, permutations drawn from
 ``np.random.RandomState(seed)`` as datasketch draws them), computed with numpy over many shingles at once
-(~10x faster than ``MinHash.update`` per shingle, see experiments/bench_minhash.py). datasketch itself is
-not needed at run time; the tests compare against it. Schemes: ``"affine32"`` (datasketch >= 2.0 default,
-uint32 values), ``"legacy"`` (datasketch < 2.0: ``(a*h+b) mod (2**61-1)`` truncated to 32 bits, stored as
-uint64) and ``"affine64"``.
+(12-16x faster than ``MinHash.update`` per shingle, ~2x ``update_batch``: experiments/bench_minhash.py).
+datasketch itself is not needed at run time; the tests compare against it. Schemes: ``"affine32"``
+(datasketch >= 2.0 default, uint32 values), ``"legacy"`` (datasketch < 2.0: ``(a*h+b) mod (2**61-1)``
+truncated to 32 bits, stored as uint64) and ``"affine64"``.
 
 Memory of the global stage: the signature matrix, ``n x num_perm x 4`` bytes for affine32 (512 B a
 document at 128 permutations: 1 M documents ~ 0.5 GB; 8 bytes a value for legacy/affine64; loaded once,
