@@ -129,7 +129,7 @@ def make_hasher(dedup_cfg: dict):
     from llmforge.prep.dedup import MinHasher
 
     return MinHasher(
-        num_perm=int(dedup_cfg.get("num_perm", 128)),
+        num_perm=int(dedup_cfg.get("num_perm", 256)),
         ngram=int(dedup_cfg.get("ngram", 5)),
         seed=int(dedup_cfg.get("seed", 1)),
     )
@@ -190,7 +190,7 @@ def process_shard(cfg: dict, work_dir: str, index: int, source: str | list[str])
         if batch:
             sigs.append(hasher.signatures([d.text for d in batch]))
     os.replace(tmp, docs_path)
-    sig = np.concatenate(sigs) if sigs else np.zeros((0, hasher.num_perm), dtype=np.uint64)
+    sig = np.concatenate(sigs) if sigs else hasher.signatures([])
     sig_path = out / f"{index:05d}.sig.npz"
     sig_tmp = out / f"{index:05d}.sig.tmp.npz"
     np.savez(
@@ -233,7 +233,7 @@ def dedup_stage(cfg: dict, work_dir: str, n_shards: int) -> dict:
             sigs.append(z["sig"])
     all_keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
     all_exact = np.concatenate(exact) if exact else np.zeros(0, dtype=np.uint64)
-    all_sigs = np.concatenate(sigs) if sigs else np.zeros((0, int(d.get("num_perm", 128))), dtype=np.uint64)
+    all_sigs = np.concatenate(sigs) if sigs else make_hasher(d).signatures([])
     if not d.get("exact", True):  # every document gets its own exact hash: no exact matches
         all_exact = np.arange(all_keys.size, dtype=np.uint64) + np.uint64(1 << 62)
     near = {} if d.get("near", True) else {"bands": 1, "rows": all_sigs.shape[1], "verify_threshold": np.inf}
