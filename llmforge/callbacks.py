@@ -45,8 +45,10 @@ class Throughput(L.Callback):
 
     Times are wall-clock between consecutive optimizer-step ends, so they include data loading and
     everything Lightning does around the step. The first `warmup` steps are left out of the summary.
-    MFU = flops_per_token(model, seq_len) * tokens/s / (peak bf16 FLOP/s per device * devices), with
-    flops_per_token the PaLM formula (6N + 12 * layers * d_model * seq_len); only on known GPUs.
+    MFU = flops_per_token * tokens/s / (peak bf16 FLOP/s per device * devices), with flops_per_token the
+    PaLM formula (6N + 12 * layers * d_model * seq_len); only on known GPUs. The objective says what a token
+    is (`PretrainModule.tokens_in_batch`: the corpus tokens a batch consumes, ``seq_len`` per sample for
+    every objective) and what it costs (`PretrainModule.flops_per_token`).
     """
 
     def __init__(self, warmup: int = 5) -> None:
@@ -69,11 +71,11 @@ class Throughput(L.Callback):
         self._last_step = trainer.global_step
         now = time.perf_counter()
         scale = trainer.world_size * trainer.accumulate_grad_batches
-        self.tokens_per_step = batch["input_ids"].numel() * scale
-        if self.flops_per_token is None and hasattr(pl_module, "model_cfg"):
-            from llmforge.models.transformer import flops_per_token
-
-            self.flops_per_token = flops_per_token(pl_module.model_cfg, batch["input_ids"].shape[1])
+        counts = hasattr(pl_module, "tokens_in_batch")  # a PretrainModule: it knows what a token is
+        tokens = pl_module.tokens_in_batch(batch) if counts else batch["input_ids"].numel()
+        self.tokens_per_step = tokens * scale
+        if self.flops_per_token is None and counts:
+            self.flops_per_token = pl_module.flops_per_token(batch)
         if self._last is not None:
             dt = now - self._last
             self.step_times.append(dt)

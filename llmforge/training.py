@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
@@ -56,13 +57,27 @@ def build_module(cfg: DictConfig, data_manifest: dict) -> PretrainModule:
             "set model.vocab_size=null to take it from the data"
         )
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    module = instantiate(
-        cfg.objective,
-        model=model,
-        optim=optim,
-        special_tokens=data_manifest["special_tokens"],
-        _convert_="all",
-    )
+    data = {
+        "path": str(cfg.data.path),
+        "seq_len": cfg.data.seq_len,
+        "vocab_size": vocab,
+        "seed": cfg.data.seed,
+    }
+    try:
+        module = instantiate(
+            cfg.objective,
+            model=model,
+            optim=optim,
+            special_tokens=data_manifest["special_tokens"],
+            data=data,
+            _convert_="all",
+        )
+    except InstantiationException as err:
+        # the objective's own checks (special tokens, knob ranges, model shape) raise ValueError: let it
+        # reach the command line as itself, a one-line error, not wrapped by Hydra
+        if isinstance(err.__cause__, ValueError):
+            raise err.__cause__ from None
+        raise
     if not isinstance(module, PretrainModule):
         raise TypeError(f"objective._target_={cfg.objective._target_} is not a PretrainModule")
     module.fsdp_reshard_after_forward = cfg.strategy.reshard_after_forward

@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from llmforge.config import OptimConfig
-from llmforge.models.transformer import Block, TransformerConfig
+from llmforge.models.transformer import Block, DecoderBlock, TransformerConfig, flops_per_token
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -46,17 +46,54 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-class PretrainModule(L.LightningModule):
-    """Base LightningModule. Subclasses give `build_model`, `collate_fn` and `loss`."""
+def require_special_tokens(special_tokens: dict[str, int], needed: dict[str, str], objective: str) -> None:
+    """Raise a ValueError that says what is missing and why, and how to get a tokenizer that has it.
 
-    def __init__(self, model: dict, optim: dict, special_tokens: dict[str, int], name: str = "") -> None:
+    ``needed``: special-token name (as in the shard manifest: ``mask``, ``sentinel_0``, ...) -> its use.
+    """
+    missing = [name for name in needed if name not in special_tokens]
+    if missing:
+        uses = "; ".join(f"{name}: {needed[name]}" for name in missing)
+        raise ValueError(
+            f"objective={objective} needs the special tokens {missing} ({uses}), which the data's tokenizer "
+            f"lacks (it has {sorted(special_tokens, key=_natural)[:12]}...): rebuild the shards with "
+            "`python -m llmforge.prepare`, whose tokenizer reserves <mask> and the sentinels <extra_id_i>"
+        )
+
+
+def _natural(name: str) -> tuple[str, int]:
+    head, _, tail = name.rpartition("_")
+    return (head, int(tail)) if tail.isdigit() else (name, -1)
+
+
+class PretrainModule(L.LightningModule):
+    """Base LightningModule. Subclasses give `build_model`, `collate_fn` and `loss`.
+
+    ``data`` describes the token shards the run trains on, as `llmforge.training.build_module` passes it:
+    ``path``, ``seq_len`` (window length), ``vocab_size`` (the tokenizer's, before rounding up for the
+    model) and ``seed`` (data.seed). Objectives whose collate depends on them (masking, span lengths)
+    check them, and the special tokens they need, in ``__init__``: before any training step.
+    """
+
+    metric_names: tuple[str, ...] = ()  # keys of `loss`'s extra metrics that validation averages too
+
+    def __init__(
+        self,
+        model: dict,
+        optim: dict,
+        special_tokens: dict[str, int],
+        name: str = "",
+        data: dict | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg = TransformerConfig(**model)
         self.optim_cfg = OptimConfig(**optim)
         self.special_tokens = dict(special_tokens)
+        self.data_info = dict(data or {})
         self.model = self.build_model()
         self.val_loss = MeanMetric()
+        self.val_metrics = nn.ModuleDict({k: MeanMetric() for k in self.metric_names})
 
     # -- what an objective defines -------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -69,6 +106,15 @@ class PretrainModule(L.LightningModule):
         """(mean loss over scored tokens, number of scored tokens, extra metrics)."""
         raise NotImplementedError  # abstract
 
+    # -- what the throughput callback counts -------------------------------------------------------
+    def tokens_in_batch(self, batch: dict) -> int:
+        """Tokens of the corpus this batch consumes (what tokens/s counts)."""
+        return batch["input_ids"].numel()
+
+    def flops_per_token(self, batch: dict) -> float:
+        """Training FLOPs per token counted by `tokens_in_batch` (PaLM formula; for MFU)."""
+        return flops_per_token(self.model_cfg, batch["input_ids"].shape[1])
+
     # -- shared training logic -------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _, extra = self.loss(batch)
@@ -80,8 +126,10 @@ class PretrainModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, n_tokens, _ = self.loss(batch)
+        loss, n_tokens, extra = self.loss(batch)
         self.val_loss.update(loss.detach().float(), weight=n_tokens)
+        for key, metric in self.val_metrics.items():
+            metric.update(extra[key].detach().float(), weight=n_tokens)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_loss.update_count == 0:
@@ -91,6 +139,9 @@ class PretrainModule(L.LightningModule):
         # MeanMetric already reduced across ranks; sync_dist only averages identical values
         self.log("val/loss", value, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(value.clamp(max=30)), sync_dist=True)
+        for key, metric in self.val_metrics.items():
+            self.log(f"val/{key}", metric.compute(), sync_dist=True)
+            metric.reset()
 
     def total_steps(self) -> int:
         if self.optim_cfg.decay_steps:
@@ -114,7 +165,8 @@ class PretrainModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_model(self) -> None:
-        """Under `strategy=fsdp` (ModelParallelStrategy): FSDP2 `fully_shard` per block, then the root."""
+        """Under `strategy=fsdp` (ModelParallelStrategy): FSDP2 `fully_shard` per block (encoder and
+        decoder blocks alike), then the root."""
         mesh = getattr(self, "device_mesh", None)
         if mesh is None:
             return
@@ -123,6 +175,6 @@ class PretrainModule(L.LightningModule):
         reshard = bool(getattr(self, "fsdp_reshard_after_forward", True))
         dp_mesh = mesh["data_parallel"]
         for module in self.model.modules():
-            if isinstance(module, Block):
+            if isinstance(module, Block | DecoderBlock):
                 fully_shard(module, mesh=dp_mesh, reshard_after_forward=reshard)
         fully_shard(self.model, mesh=dp_mesh, reshard_after_forward=reshard)
