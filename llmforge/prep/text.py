@@ -1,4 +1,4 @@
-"""Plain-text sources: text files on disk, and an embedded default corpus that every machine has.
+"""An embedded plain-text corpus that every machine has (text files are read by `readers.read_text_file`).
 
 The default corpus is the documentation of Python's own standard library: the docstrings of every module,
 class and function, read with `ast` from the installed sources (nothing is imported or executed). One
@@ -8,7 +8,6 @@ document per module.
 from __future__ import annotations
 
 import ast
-import glob
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,18 +46,3 @@ def stdlib_documents(min_chars: int = 200) -> Iterator[tuple[str, str]]:
         text = module_docs(path)
         if len(text) >= min_chars:
             yield str(path.relative_to(root)), text
-
-
-def file_documents(pattern: str) -> Iterator[tuple[str, str]]:
-    """(path, text) for each file matching a glob (recursive `**` allowed), one document per file."""
-    paths = sorted(glob.glob(pattern, recursive=True))
-    if not paths:
-        raise FileNotFoundError(f"prepare.input={pattern!r} matches no file")
-    for p in paths:
-        text = Path(p).read_text(encoding="utf-8", errors="replace").strip()
-        if text:
-            yield p, text
-
-
-def documents(source: str) -> Iterator[tuple[str, str]]:
-    return stdlib_documents() if source == "stdlib" else file_documents(source)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -65,13 +64,3 @@ def write_token_dataset(
         source=source,
         config_hash=config_hash,
     )
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished output directory into place; the old one is removed only after tmp is complete."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
