@@ -318,7 +318,7 @@ def tokenize_shard(cfg: dict, work_dir: str, out_dir: str, index: int) -> dict:
     from tokenizers import Tokenizer
 
     from llmforge.prep.tokenizer import special_token_ids
-    from llmforge.prep.writers import batched, is_validation
+    from llmforge.prep.writers import encode_into
 
     work, out = Path(work_dir), Path(out_dir)
     tok_path = work / "tokenizer" / TOKENIZER_FILE
@@ -332,7 +332,6 @@ def tokenize_shard(cfg: dict, work_dir: str, out_dir: str, index: int) -> dict:
         return json.loads(summary_path.read_text())
     start = time.perf_counter()
     tok = Tokenizer.from_file(str(tok_path))
-    tok.encode_special_tokens = True  # text that spells "<eos>" stays text
     specials = special_token_ids(tok)
     vocab = tok.get_vocab_size()
     out.mkdir(parents=True, exist_ok=True)
@@ -342,16 +341,11 @@ def tokenize_shard(cfg: dict, work_dir: str, out_dir: str, index: int) -> dict:
         )
         for split in ("train", "val")
     }
-    docs = 0
-    for chunk in batched(kept_documents(work, index, load_drop(work)), 256):
-        encodings = tok.encode_batch([d.text for d in chunk], add_special_tokens=False)
-        for doc, enc in zip(chunk, encodings, strict=True):
-            split = "val" if is_validation(doc.id, doc.text, float(cfg["val_fraction"])) else "train"
-            writers[split].add(enc.ids)
-            docs += 1
+    docs = ((d.id, d.text) for d in kept_documents(work, index, load_drop(work)))
+    count = encode_into(writers, docs, tok, float(cfg["val_fraction"]))
     summary = {split: w.summary() for split, w in writers.items()}
     summary["seconds"] = time.perf_counter() - start
-    summary["documents_in"] = docs
+    summary["documents_in"] = count
     write_json(summary_path, summary)
     write_marker(work / "tokenize" / f"{index:05d}.done", h)
     return summary

@@ -25,6 +25,29 @@ def batched(items: Iterable, n: int) -> Iterator[list]:
         yield chunk
 
 
+def encode_into(
+    writers: dict[str, SplitWriter],
+    documents: Iterable[tuple[str, str]],
+    tokenizer: Tokenizer,
+    val_fraction: float,
+    batch_size: int = 256,
+) -> int:
+    """Encode (id, text) documents in batches into the train or val writer, chosen by hash; returns count."""
+    # Text that happens to spell "<eos>" or "<mask>" is text: never let it become a special id.
+    was, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True
+    count = 0
+    try:
+        for chunk in batched(documents, batch_size):
+            encodings = tokenizer.encode_batch([text for _, text in chunk], add_special_tokens=False)
+            for (doc_id, text), enc in zip(chunk, encodings, strict=True):
+                split = "val" if is_validation(doc_id, text, val_fraction) else "train"
+                writers[split].add(enc.ids)
+                count += 1
+    finally:
+        tokenizer.encode_special_tokens = was
+    return count
+
+
 def write_token_dataset(
     documents: Iterable[tuple[str, str]],
     tokenizer: Tokenizer,
@@ -45,16 +68,7 @@ def write_token_dataset(
     writers = {
         split: SplitWriter(out_dir, split, vocab, specials["eos"], shard_tokens) for split in ("train", "val")
     }
-    # Text that happens to spell "<eos>" or "<mask>" is text: never let it become a special id.
-    was, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True
-    try:
-        for chunk in batched(documents, batch_size):
-            encodings = tokenizer.encode_batch([text for _, text in chunk], add_special_tokens=False)
-            for (doc_id, text), enc in zip(chunk, encodings, strict=True):
-                split = "val" if is_validation(doc_id, text, val_fraction) else "train"
-                writers[split].add(enc.ids)
-    finally:
-        tokenizer.encode_special_tokens = was
+    encode_into(writers, documents, tokenizer, val_fraction, batch_size)
     return write_manifest(
         out_dir,
         vocab_size=vocab,
