@@ -1,4 +1,5 @@
-"""Lightning + Hydra overhead: `python -m llmforge.train` vs a plain torch loop, same model, data and optimizer.
+"""Lightning + Hydra overhead: `python -m llmforge.train` vs a plain torch loop on the same model, data and
+optimizer.
 
 Both sides run as separate processes (the trainer is measured through its real entry point), alternating
 rounds because absolute speed drifts ~14% between processes. Each side reports the median wall time between
@@ -50,8 +51,12 @@ def plain_loop(args: argparse.Namespace) -> float:
     opt = optimizer_cfg(module)
     optimizer, scheduler = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
     windows = PackedWindows(ShardSet.open(args.data, "train"), cfg.data.seq_len)
-    loader = DataLoader(windows, batch_size=cfg.data.batch_size, collate_fn=module.collate_fn(),
-                        sampler=GlobalCursorSampler(len(windows), cfg.data.batch_size, seed=cfg.data.seed))
+    loader = DataLoader(
+        windows,
+        batch_size=cfg.data.batch_size,
+        collate_fn=module.collate_fn(),
+        sampler=GlobalCursorSampler(len(windows), cfg.data.batch_size, seed=cfg.data.seed),
+    )
     autocast = args.precision == "bf16-mixed"
     if args.precision == "bf16-true":
         module.to(torch.bfloat16)
@@ -76,11 +81,22 @@ def plain_loop(args: argparse.Namespace) -> float:
 
 def lightning_run(args: argparse.Namespace, run_dir: Path) -> float:
     cmd = [
-        sys.executable, "-m", "llmforge.train", f"model={args.model}", f"data.path={args.data}",
-        f"precision={args.precision}", f"trainer.max_steps={args.steps}", f"optim.decay_steps={args.steps}",
-        "trainer.val_check_interval=100000", "trainer.limit_val_batches=0", "trainer.ckpt_every_n_steps=100000",
-        f"trainer.log_every_n_steps={args.log_every}", f"trainer.enable_progress_bar={args.progress_bar}",
-        f"+callbacks.throughput.warmup={args.warmup}", f"run_dir={run_dir}", f"hydra.run.dir={run_dir}/hydra",
+        sys.executable,
+        "-m",
+        "llmforge.train",
+        f"model={args.model}",
+        f"data.path={args.data}",
+        f"precision={args.precision}",
+        f"trainer.max_steps={args.steps}",
+        f"optim.decay_steps={args.steps}",
+        "trainer.val_check_interval=100000",
+        "trainer.limit_val_batches=0",
+        "trainer.ckpt_every_n_steps=100000",
+        f"trainer.log_every_n_steps={args.log_every}",
+        f"trainer.enable_progress_bar={args.progress_bar}",
+        f"+callbacks.throughput.warmup={args.warmup}",
+        f"run_dir={run_dir}",
+        f"hydra.run.dir={run_dir}/hydra",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
@@ -104,17 +120,29 @@ def main() -> None:
         print(json.dumps({"median_step_s": plain_loop(args)}))
         return
     if not (Path(args.data) / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "llmforge.prepare", f"output_dir={args.data}"], check=True, cwd=ROOT)
+        subprocess.run(
+            [sys.executable, "-m", "llmforge.prepare", f"output_dir={args.data}"], check=True, cwd=ROOT
+        )
     lightning, plain = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             lightning.append(lightning_run(args, Path(tmp) / f"round{r}"))
-            out = subprocess.run([sys.executable, __file__, "--plain", *sys.argv[1:]], check=True, cwd=ROOT,
-                                 capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--plain", *sys.argv[1:]],
+                check=True,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            ).stdout
             plain.append(json.loads(out.strip().splitlines()[-1])["median_step_s"])
-            print(f"round {r}: llmforge.train {lightning[-1] * 1e3:7.1f} ms/step   plain loop {plain[-1] * 1e3:7.1f} ms/step")
+            print(
+                f"round {r}: llmforge.train {lightning[-1] * 1e3:7.1f} ms/step   "
+                f"plain loop {plain[-1] * 1e3:7.1f} ms/step"
+            )
     lt, pt = statistics.median(lightning), statistics.median(plain)
-    print(f"\nmodel={args.model} precision={args.precision} steps={args.steps} (median of {args.rounds} rounds)")
+    print(
+        f"\nmodel={args.model} precision={args.precision} steps={args.steps} (median of {args.rounds} rounds)"
+    )
     print(f"{'side':<18}{'ms/step':>10}")
     print(f"{'llmforge.train':<18}{lt * 1e3:>10.1f}")
     print(f"{'plain torch loop':<18}{pt * 1e3:>10.1f}")

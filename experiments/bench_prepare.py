@@ -63,7 +63,8 @@ def bench_steps(crawl: Path, tmp: Path) -> None:
     read_s = shard_seconds - sum(s["seconds"] for s in totals["steps"].values())
     print(f"{'read+sign+write':<16}{docs:>9}{read_s:>9.2f}{docs / read_s:>10.0f}")
     print(
-        f"process stage: {docs} documents in {shard_seconds:.2f} s = {docs / shard_seconds:.0f} docs/s per core "
+        f"process stage: {docs} documents in {shard_seconds:.2f} s = "
+        f"{docs / shard_seconds:.0f} docs/s per core "
         f"(target >= 300); whole command {wall:.1f} s incl. start-up, dedup, tokenizer, tokenize"
     )
     big = tmp / "crawl4"
