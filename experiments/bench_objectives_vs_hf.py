@@ -174,8 +174,9 @@ class Side:
         model.train()
         self.opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
         self.tokens_per_step = args.batch * args.seq_len
-        self.rates: list[float] = []
-        self.cpu_use: list[float] = []
+        self.rates: list[float] = []  # tokens / wall second, per round
+        self.cpu_ms: list[float] = []  # process CPU milliseconds per step, per round
+        self.cpu_use: list[float] = []  # process CPU seconds / wall seconds per round (~threads if alone)
         self.last_loss = float("nan")
 
     def step(self, batch: dict) -> torch.Tensor:
@@ -194,7 +195,9 @@ class Side:
         for i in range(n):
             loss = self.step(batches[(start + i) % len(batches)])
         elapsed = time.perf_counter() - t0
-        self.cpu_use.append((time.process_time() - c0) / elapsed)
+        cpu = time.process_time() - c0
+        self.cpu_use.append(cpu / elapsed)
+        self.cpu_ms.append(1000 * cpu / max(n, 1))
         self.last_loss = float(loss)
         return elapsed
 
@@ -257,7 +260,7 @@ def bench(args: argparse.Namespace, objective: str, dtype: str) -> dict:
     sides = (mlm_sides if objective == "mlm" else denoise_sides)(args, dtype == "bf16")
     for s in sides:
         s.run(batches, 0, args.warmup)
-        s.cpu_use.clear()
+        s.cpu_use.clear(), s.cpu_ms.clear()
     cursor = args.warmup
     for r in range(args.rounds):
         order = sides if r % 2 == 0 else sides[::-1]
@@ -270,12 +273,15 @@ def bench(args: argparse.Namespace, objective: str, dtype: str) -> dict:
         print(f"  round {r + 1}: " + "   ".join(line) + f"   load {os.getloadavg()[0]:.2f}")
     med = [statistics.median(s.rates) for s in sides]
     per_round = [a / b for a, b in zip(sides[0].rates, sides[1].rates, strict=True)]
-    print(f"\n  {'model':<10} {'median tok/s':>13} {'min':>7} {'max':>7} {'ms/step':>8} {'last loss':>10}")
+    print(f"\n  {'model':<10} {'median tok/s':>13} {'min':>7} {'max':>7} {'ms/step':>8} {'cpu-ms/step':>12} "
+          f"{'last loss':>10}")
     for s, m in zip(sides, med, strict=True):
         print(f"  {s.name:<10} {m:13.0f} {min(s.rates):7.0f} {max(s.rates):7.0f} "
-              f"{1000 * s.tokens_per_step / m:8.1f} {s.last_loss:10.4f}")
+              f"{1000 * s.tokens_per_step / m:8.1f} {statistics.median(s.cpu_ms):12.1f} {s.last_loss:10.4f}")
     ratio, paired = med[0] / med[1], statistics.median(per_round)
-    print(f"  ratio llmforge/{sides[1].name} = {ratio:.3f}   (median of per-round ratios {paired:.3f})")
+    cpu_ratio = statistics.median(sides[1].cpu_ms) / statistics.median(sides[0].cpu_ms)
+    print(f"  ratio llmforge/{sides[1].name} = {ratio:.3f}   (median of per-round ratios {paired:.3f}; "
+          f"by CPU time per step {cpu_ratio:.3f})")
     print("  per-round ratios: " + ", ".join(f"{x:.3f}" for x in per_round))
     busy = [r + 1 for r in range(args.rounds)
             if min(sides[0].cpu_use[r], sides[1].cpu_use[r]) < 0.8 * torch.get_num_threads()]
@@ -285,7 +291,7 @@ def bench(args: argparse.Namespace, objective: str, dtype: str) -> dict:
     if args.profile:
         profile(sides, batches, args.profile)
     result = {"objective": objective, "dtype": dtype, "ours": med[0], "hf": med[1], "hf_name": sides[1].name,
-              "ratio": ratio, "paired": paired}
+              "ratio": ratio, "paired": paired, "cpu_ratio": cpu_ratio}
     del sides
     gc.collect()
     return result
@@ -334,7 +340,7 @@ def append_ledger(args: argparse.Namespace, results: list[dict]) -> None:
         if r["objective"] == "mlm" and args.dense_head:
             what += ", dense head"
         result = (f"llmforge {r['ours']:.0f} tok/s, {r['hf_name']} {r['hf']:.0f} tok/s, "
-                  f"ratio {r['ratio']:.2f} (paired {r['paired']:.2f})")
+                  f"ratio {r['ratio']:.2f} (paired {r['paired']:.2f}, cpu-time {r['cpu_ratio']:.2f})")
         rows.append(f"| {time.strftime('%Y-%m-%d')} | {commit} | `{command}` | {what} | {result} |\n")
     with open(ledger, "a") as f:  # append only: other benchmarks write here too
         if f.tell() == 0:
@@ -359,10 +365,10 @@ def main(argv: list[str] | None = None) -> None:
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     results = [bench(args, o, d) for o in objectives for d in dtypes]
     print(f"\n{'objective':<10} {'dtype':<6} {'llmforge tok/s':>15} {'HF tok/s':>10} {'HF model':<9} "
-          f"{'ratio':>6} {'paired':>7}")
+          f"{'ratio':>6} {'paired':>7} {'cpu-time':>9}")
     for r in results:
         print(f"{r['objective']:<10} {r['dtype']:<6} {r['ours']:15.0f} {r['hf']:10.0f} {r['hf_name']:<9} "
-              f"{r['ratio']:6.2f} {r['paired']:7.2f}")
+              f"{r['ratio']:6.2f} {r['paired']:7.2f} {r['cpu_ratio']:9.2f}")
     if args.ledger:
         append_ledger(args, results)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from llmforge.models.transformer import (
@@ -426,3 +427,29 @@ def test_encdec_flops_match_counted_matmuls(name):
     norms_dec = norm_weights(model.decoder) + model.norm.weight.numel()
     expected = formula - 6 * b * (norms * s + norms_dec * t)
     assert counted_flops(lambda: model(inputs, targets)) == pytest.approx(expected, rel=1e-12)
+
+
+# -- attention paths ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_explicit_cpu_attention_matches_the_fused_kernel(causal, padded):
+    """bf16 on CPU below EXPLICIT_ATTENTION_MAX_LEN: matmul-softmax-matmul; same result as SDPA."""
+    from llmforge.models.transformer import EXPLICIT_ATTENTION_MAX_LEN, attend
+
+    assert EXPLICIT_ATTENTION_MAX_LEN >= 64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 24, 16, generator=g) for _ in range(3))
+    mask = None
+    if padded:
+        mask = torch.ones(2, 1, 1, 24, dtype=torch.bool)
+        mask[1, ..., 17:] = False
+    exact = attend(q, k, v, mask, causal)  # fp32: the fused kernel
+    fused_mask = mask & torch.ones(24, 24, dtype=torch.bool).tril() if (padded and causal) else mask
+    fused = F.scaled_dot_product_attention(
+        *(t.bfloat16() for t in (q, k, v)), attn_mask=fused_mask, is_causal=causal and not padded
+    )
+    explicit = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, causal)
+    assert explicit.dtype == torch.bfloat16
+    err_explicit = (explicit.float() - exact).abs().max()
+    err_fused = (fused.float() - exact).abs().max()
+    assert err_explicit < 0.03 and err_explicit < 2 * err_fused + 1e-3
