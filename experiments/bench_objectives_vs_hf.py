@@ -330,18 +330,16 @@ def append_ledger(args: argparse.Namespace, results: list[dict]) -> None:
         commit = "?"
     argv = [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]
     command = "python " + " ".join(shlex.quote(a) for a in argv)
-    header = ("# Experiments ledger\n\nOne row per measurement; append only.\n\n"
-              "| date | commit | command | what | result |\n|---|---|---|---|---|\n")
-    dims = f"d {args.d_model}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, " \
-           f"batch {args.batch} x seq {args.seq_len}, {torch.get_num_threads()} threads"
+    header = "| date | commit | command | result |\n|---|---|---|---|\n"  # the ledger's table
+    dims = (f"d {args.d_model}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
+            f"batch {args.batch} x seq {args.seq_len}, {torch.get_num_threads()} threads")
     rows = []
     for r in results:
-        what = f"{r['objective']} {r['dtype']} train tokens/s vs {r['hf_name']} ({dims})"
-        if r["objective"] == "mlm" and args.dense_head:
-            what += ", dense head"
-        result = (f"llmforge {r['ours']:.0f} tok/s, {r['hf_name']} {r['hf']:.0f} tok/s, "
-                  f"ratio {r['ratio']:.2f} (paired {r['paired']:.2f}, cpu-time {r['cpu_ratio']:.2f})")
-        rows.append(f"| {time.strftime('%Y-%m-%d')} | {commit} | `{command}` | {what} | {result} |\n")
+        what = f"{r['objective']} {r['dtype']}: training tokens/s vs {r['hf_name']} ({dims}"
+        what += ", dense MLM head)" if r["objective"] == "mlm" and args.dense_head else ")"
+        result = (f"{what}: llmforge {r['ours']:.0f}, {r['hf_name']} {r['hf']:.0f}, "
+                  f"ratio **{r['ratio']:.2f}** (paired {r['paired']:.2f}, CPU time {r['cpu_ratio']:.2f})")
+        rows.append(f"| {time.strftime('%Y-%m-%d')} | {commit} | `{command}` | {result} |\n")
     with open(ledger, "a") as f:  # append only: other benchmarks write here too
         if f.tell() == 0:
             f.write(header)
