@@ -10,7 +10,8 @@ from llmforge.config import validate
 from llmforge.models.transformer import TransformerConfig
 from tests.conftest import CONF, compose_train, run_cli
 
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "pipeline")
+PREPARE_GROUPS = ("pipeline", "executor")  # composed by prepare.yaml, not train.yaml
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in PREPARE_GROUPS)
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 
 
