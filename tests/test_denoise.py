@@ -9,7 +9,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 
+from llmforge.config import validate
 from llmforge.models.transformer import flops_per_token
 from llmforge.objectives.denoise import (
     Denoise,
@@ -22,7 +24,7 @@ from llmforge.objectives.denoise import (
 )
 from llmforge.plot import read_scalars
 from llmforge.training import run
-from tests.conftest import run_cli
+from tests.conftest import compose_train, run_cli
 
 VOCAB, PAD, BOS, EOS, MASK = 1000, 0, 2, 3, 4
 SENTINELS = np.arange(5, 105)  # <extra_id_0..99>
@@ -160,6 +162,16 @@ def test_too_few_sentinels_is_a_clear_error_before_training(train_cfg, tiny_data
     assert first.startswith("error: objective=denoise (span corruption) needs 2 sentinel tokens"), proc.stderr
 
 
+def test_knobs_are_typed_and_checked_at_composition():
+    with pytest.raises(ConfigCompositionException, match="objective.noise_densty"):
+        compose_train(["objective=denoise", "objective.noise_densty=0.2"])
+    with pytest.raises(ConfigCompositionException, match="objective.mean_span_length"):
+        compose_train(["objective=denoise", "objective.mean_span_length=long"])
+    cfg = compose_train(["objective=denoise", "objective.variant=bart", "run_dir=/tmp/unused"])
+    with pytest.raises(ValueError, match="objective.variant='bart' is not one of span, infill"):
+        validate(cfg)
+
+
 def test_bad_knobs_and_missing_tokens_raise():
     data = {"seq_len": 64}
     with pytest.raises(ValueError, match="variant"):
@@ -289,3 +301,26 @@ def test_denoise_ddp_two_processes(tmp_path, tiny_data):
     ck = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert ck["ShardDataModule"]["cursor"] == 3 * 3 * 2
     assert any(k.startswith("model.decoder.0.cross.") for k in ck["state_dict"])
+
+
+@pytest.mark.slow
+def test_denoise_fsdp_two_processes(tmp_path, tiny_data):
+    """FSDP2 shards encoder and decoder blocks alike (`PretrainModule.configure_model`)."""
+    proc = run_cli(
+        "llmforge.train",
+        "objective=denoise",
+        "strategy=fsdp",
+        "hardware.devices=2",
+        "debug=fast",
+        "trainer.max_steps=2",
+        "model=tiny",
+        f"data.path={tiny_data}",
+        "data.seq_len=32",
+        "name=denoise-fsdp",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = tmp_path / "runs" / "denoise-fsdp" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and any(last.iterdir())  # sharded
+    assert sorted(dict(read_scalars(tmp_path / "runs" / "denoise-fsdp")["train/loss"])) == [0, 1]

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 from torch.utils.data import DataLoader
 
 from llmforge.data.dataset import PackedWindows
@@ -16,7 +17,7 @@ from llmforge.data.shards import ShardSet, read_manifest
 from llmforge.objectives.mlm import MaskedLM, byte_level_word_starts, mlm_collate
 from llmforge.plot import read_scalars
 from llmforge.training import run
-from tests.conftest import run_cli
+from tests.conftest import compose_train, run_cli
 
 VOCAB, PAD, EOS, MASK = 1000, 0, 3, 4
 SPECIAL = np.arange(0, 20)  # pad unk bos eos mask + 15 sentinels
@@ -145,6 +146,21 @@ def test_whole_word_masking_takes_whole_words(tiny_data):
     # words are cut every 8 tokens at most (text without spaces); only those cuts may differ
     assert split.sum() <= 0.01 * inner.sum()
     assert (selected & inner).sum() > 100  # and multi-token words were selected
+    # the module builds the same table from the data's tokenizer
+    data = {"path": str(tiny_data), "seq_len": 256, "vocab_size": 512, "seed": 0}
+    module = MaskedLM(MODEL, OPTIM, specials, data=data, whole_word_mask=True)
+    assert torch.equal(module.collate_fn()(samples)["labels"], batch["labels"])
+    with pytest.raises(ValueError, match="whole_word_mask"):
+        MaskedLM(MODEL, OPTIM, specials, whole_word_mask=True)
+
+
+def test_knobs_are_typed_at_composition():
+    with pytest.raises(ConfigCompositionException, match="objective.mask_probability"):
+        compose_train(["objective=mlm", "objective.mask_probability=0.2"])
+    with pytest.raises(ConfigCompositionException, match="objective.whole_word_mask"):
+        compose_train(["objective=mlm", "objective.whole_word_mask=maybe"])
+    cfg = compose_train(["objective=mlm", "objective.mask_prob=0.3", "run_dir=/tmp/unused"])
+    assert cfg.objective.mask_prob == 0.3 and cfg.objective._target_ == "llmforge.objectives.mlm.MaskedLM"
 
 
 def test_missing_mask_token_is_a_clear_error_before_training(train_cfg, tiny_data, tmp_path):
