@@ -97,3 +97,26 @@ def test_cli_error_first_line_names_key(tmp_path):
     assert proc.returncode != 0
     first = proc.stderr.strip().splitlines()[0]
     assert "optim.lrr" in first, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("group", "option"),
+    [(g, f.stem) for g in PREPARE_GROUPS for f in sorted((CONF / g).glob("*.yaml"))],
+)
+def test_prepare_option_composes(group, option):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="prepare", overrides=[f"{group}={option}"])
+    assert cfg.executor.name in ("local", "slurm") and cfg.tokenizer.vocab_size > 0
+    from llmforge.prep.filters import build_filters
+
+    build_filters(cfg.filters)
+
+
+def test_prepare_misspelt_key_is_named():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"), pytest.raises(Exception) as err:
+        compose(config_name="prepare", overrides=["dedup.treshold=0.5"])
+    assert "dedup.treshold" in str(err.value)
