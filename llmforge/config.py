@@ -132,7 +132,7 @@ class TrainConfig:
 @dataclass
 class TokenizerConfig:
     vocab_size: int = 8192
-    num_sentinels: int = 100
+    num_sentinels: int = 256  # span corruption needs ~seq_len * 0.15 / 3 sentinels: 256 covers seq_len ~5000
     min_frequency: int = 2
     sample_fraction: float = 1.0  # documents chosen by id hash, in shard order ...
     sample_chars: int = 200_000_000  # ... until this many characters
