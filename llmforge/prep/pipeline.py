@@ -21,6 +21,7 @@ point finishes with the same bytes as an uninterrupted one, with any number of w
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -314,9 +315,15 @@ def tokenizer_stage(cfg: dict, work_dir: str, n_shards: int) -> str:
 # -- stage 4: tokenize (per shard) ----------------------------------------------------------------
 
 
-def tokenize_shard(cfg: dict, work_dir: str, out_dir: str, index: int) -> dict:
+@functools.lru_cache(maxsize=2)
+def load_tokenizer(path: str, mtime_ns: int):
+    """One tokenizer load per worker process and file version, not one per shard."""
     from tokenizers import Tokenizer
 
+    return Tokenizer.from_file(path)
+
+
+def tokenize_shard(cfg: dict, work_dir: str, out_dir: str, index: int) -> dict:
     from llmforge.prep.tokenizer import special_token_ids
     from llmforge.prep.writers import encode_into
 
@@ -331,7 +338,7 @@ def tokenize_shard(cfg: dict, work_dir: str, out_dir: str, index: int) -> dict:
     if marker_ok(work / "tokenize" / f"{index:05d}.done", h):
         return json.loads(summary_path.read_text())
     start = time.perf_counter()
-    tok = Tokenizer.from_file(str(tok_path))
+    tok = load_tokenizer(str(tok_path), tok_path.stat().st_mtime_ns)
     specials = special_token_ids(tok)
     vocab = tok.get_vocab_size()
     out.mkdir(parents=True, exist_ok=True)
