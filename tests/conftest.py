@@ -20,6 +20,15 @@ CONF = ROOT / "conf"
 register()
 
 
+# Every precision CLM supports, each on the hardware it needs (16-mixed only on a GPU).
+PRECISIONS = [
+    ("32-true", "cpu"),
+    ("bf16-mixed", "cpu"),
+    ("bf16-true", "cpu"),
+    pytest.param("16-mixed", "gpu", marks=pytest.mark.gpu),
+]
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

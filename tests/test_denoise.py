@@ -24,7 +24,7 @@ from llmforge.objectives.denoise import (
 )
 from llmforge.plot import read_scalars
 from llmforge.training import run
-from tests.conftest import compose_train, run_cli
+from tests.conftest import PRECISIONS, compose_train, run_cli
 
 VOCAB, PAD, BOS, EOS, MASK = 1000, 0, 2, 3, 4
 SENTINELS = np.arange(5, 105)  # <extra_id_0..99>
@@ -242,12 +242,6 @@ def test_infill_batch_restores_to_the_source():
 
 
 # -- training ---------------------------------------------------------------------------------------
-PRECISIONS = [
-    ("32-true", "cpu"),
-    ("bf16-mixed", "cpu"),
-    ("bf16-true", "cpu"),
-    pytest.param("16-mixed", "gpu", marks=pytest.mark.gpu),
-]
 
 
 @pytest.mark.parametrize(("precision", "hardware"), PRECISIONS)

@@ -17,7 +17,7 @@ from llmforge.data.shards import ShardSet, read_manifest
 from llmforge.objectives.mlm import MaskedLM, byte_level_word_starts, mlm_collate
 from llmforge.plot import read_scalars
 from llmforge.training import run
-from tests.conftest import compose_train, run_cli
+from tests.conftest import PRECISIONS, compose_train, run_cli
 
 VOCAB, PAD, EOS, MASK = 1000, 0, 3, 4
 SPECIAL = np.arange(0, 20)  # pad unk bos eos mask + 15 sentinels
@@ -192,14 +192,6 @@ def test_loss_is_over_masked_tokens_and_flops_count_the_sparse_head():
     dense = module.flops_per_token({"input_ids": batch["input_ids"], "mlm_positions": torch.arange(4 * 32)})
     assert module.flops_per_token(batch) < dense
     assert module.tokens_in_batch(batch) == 4 * 32
-
-
-PRECISIONS = [
-    ("32-true", "cpu"),
-    ("bf16-mixed", "cpu"),
-    ("bf16-true", "cpu"),
-    pytest.param("16-mixed", "gpu", marks=pytest.mark.gpu),
-]
 
 
 @pytest.mark.parametrize(("precision", "hardware"), PRECISIONS)

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from llmforge.plot import plot, read_scalars
 from llmforge.training import run
-from tests.conftest import run_cli
+from tests.conftest import PRECISIONS, run_cli
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -18,10 +18,7 @@ def losses(run_dir) -> dict[int, float]:
 
 
 PRECISION_CASES = [
-    ("32-true", "cpu"),
-    ("bf16-mixed", "cpu"),
-    ("bf16-true", "cpu"),
-    pytest.param("16-mixed", "gpu", marks=pytest.mark.gpu),
+    *PRECISIONS,
     pytest.param("bf16-mixed", "gpu", marks=pytest.mark.gpu),
     pytest.param("32-true", "gpu", marks=pytest.mark.gpu),
 ]
