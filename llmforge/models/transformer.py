@@ -23,6 +23,11 @@ short. Set ``model.n_decoder_layers`` (and ``model.n_layers``) to split a budget
 Q, K and V are one fused projection, and so are the SwiGLU gate and up projections (and cross-attention's
 K and V): one large matmul is faster than several small ones, most of all on CPU. The weights split back into
 Llama's separate matrices on export. Nothing here imports Lightning, Hydra or torch.distributed.
+
+Incremental decoding (`KVCache`, ``Transformer.forward(tokens, cache=...)``): preallocated key/value buffers
+per layer, so each new token costs one position, not the whole prefix. Rows may be left-padded: the cache
+keeps a key-validity mask, and ``positions`` gives each token its RoPE position within its own row.
+The training path (``cache=None``) is unchanged.
 """
 
 from __future__ import annotations
@@ -187,7 +192,7 @@ def rope_cache(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor,
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (batch, heads, seq, head_dim) with cos/sin (seq, head_dim); or any layout they broadcast to, e.g.
-    x (batch, seq, heads, head_dim) with cos/sin (seq, 1, head_dim)."""
+    x (batch, seq, heads, head_dim) with cos/sin (seq, 1, head_dim) or, per row, (batch, seq, 1, head_dim)."""
     x1, x2 = x.chunk(2, dim=-1)  # a split, not two slices: its backward is one cat, not zero-fills
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -242,15 +247,27 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         causal: bool,
         mask: torch.Tensor | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
+        """cos/sin: (t, head_dim), or (b, t, head_dim) for per-row positions. ``cache``: this layer's
+        (keys, values) buffers (b, kv_heads, max_len, head_dim); the new keys and values are written at
+        ``start`` and the queries attend to everything up to ``start + t``."""
         b, t, d = x.shape
         kv = self.kv_heads * self.head_dim
         qk, v = self.qkv(x).split([d + kv, kv], dim=-1)
         # RoPE on the Q and K heads together, (b, t, heads, head_dim): one set of elementwise ops, not two
         qk = qk.view(b, t, self.n_heads + self.kv_heads, self.head_dim)
-        q, k = apply_rope(qk, cos[:, None], sin[:, None]).split([self.n_heads, self.kv_heads], dim=2)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over the heads
+        q, k = apply_rope(qk, cos, sin).split([self.n_heads, self.kv_heads], dim=2)
         v = v.view(b, t, self.kv_heads, self.head_dim)
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, causal)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k_buf, v_buf = cache
+            k_buf[:, :, start : start + t] = k
+            v_buf[:, :, start : start + t] = v
+            k, v = k_buf[:, :, : start + t], v_buf[:, :, : start + t]
+        y = attend(q, k, v, mask, causal)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -305,8 +322,10 @@ class Block(nn.Module):
         sin: torch.Tensor,
         causal: bool,
         mask: torch.Tensor | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start: int = 0,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, causal, mask)
+        x = x + self.attn(self.attn_norm(x), cos, sin, causal, mask, cache, start)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -385,8 +404,93 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, self.causal, mask)
         return x
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.trunk(tokens)))
+    def trunk_cached(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The residual stream of ``tokens`` (batch, t) appended after the ``cache.length`` positions already
+        in the cache (causal only). ``positions`` (batch, t): RoPE positions (default: the slot indices);
+        ``attention_mask`` (batch, t): 0 at padding, which no later token attends to."""
+        if not self.causal:
+            raise ValueError("a KV cache needs a causal model")
+        b, t = tokens.shape
+        start = cache.length
+        end = start + t
+        if end > cache.max_len:
+            raise ValueError(f"KV cache of {cache.max_len} positions cannot take {end}")
+        if positions is None:
+            positions = torch.arange(start, end, device=tokens.device).expand(b, t)
+        last = int(positions.max())
+        if last >= self.cfg.max_seq_len:
+            raise ValueError(f"position {last} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        cache.valid[:, start:end] = True if attention_mask is None else attention_mask.bool()
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (b, t, head_dim)
+        mask = cache.mask(start, t)
+        x = self.embed(tokens)
+        for block, layer_cache in zip(self.blocks, cache.layers(), strict=True):
+            x = block(x, cos, sin, False, mask, layer_cache, start)
+        cache.length = end
+        return x
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab). With a ``cache``: incremental decoding (`trunk_cached`)."""
+        if cache is None:
+            return self.head(self.norm(self.trunk(tokens)))
+        return self.head(self.norm(self.trunk_cached(tokens, cache, positions, attention_mask)))
+
+
+class KVCache:
+    """Preallocated keys and values of every layer of a causal `Transformer`, for incremental decoding.
+
+    ``k``/``v``: (layers, batch, kv_heads, max_len, head_dim); ``valid`` (batch, max_len): which slots hold
+    real tokens (left padding does not); ``length``: slots filled so far.
+    """
+
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        batch: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.max_len, self.length = max_len, 0
+
+    @classmethod
+    def for_model(cls, model: Transformer, batch: int, max_len: int) -> KVCache:
+        p = model.head.weight
+        return cls(model.cfg, batch, max_len, dtype=p.dtype, device=p.device)
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.k[i], self.v[i]) for i in range(self.k.shape[0])]
+
+    def mask(self, start: int, t: int) -> torch.Tensor | None:
+        """SDPA mask (batch, 1, t, start + t), True = may attend: causal over the slots, valid keys only;
+        a query always sees itself (a padding query would otherwise see nothing and give NaN). None when
+        every key may be seen (one new token, no padding)."""
+        end = start + t
+        valid = self.valid[:, :end]
+        if t == 1 and bool(valid.all()):
+            return None
+        dev = valid.device
+        slot = torch.arange(end, device=dev)
+        query = torch.arange(start, end, device=dev)[:, None]
+        causal = slot[None, :] <= query  # (t, end)
+        return causal & (valid[:, None, None, :] | (slot[None, :] == query))
 
 
 def rope_slice(model: nn.Module, t: int) -> tuple[torch.Tensor, torch.Tensor]:
