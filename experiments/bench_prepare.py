@@ -62,10 +62,12 @@ def bench_steps(crawl: Path, tmp: Path) -> None:
         print(f"{name:<16}{s['docs_in']:>9}{s['seconds']:>9.2f}{rate:>10.0f}")
     read_s = shard_seconds - sum(s["seconds"] for s in totals["steps"].values())
     print(f"{'read+sign+write':<16}{docs:>9}{read_s:>9.2f}{docs / read_s:>10.0f}")
+    cpu_seconds = sum(s["cpu_seconds"] for s in stats["shards"])
     print(
-        f"process stage: {docs} documents in {shard_seconds:.2f} s = "
-        f"{docs / shard_seconds:.0f} docs/s per core "
-        f"(target >= 300); whole command {wall:.1f} s incl. start-up, dedup, tokenizer, tokenize"
+        f"process stage: {docs} documents in {shard_seconds:.2f} s wall = "
+        f"{docs / shard_seconds:.0f} docs/s per core; {cpu_seconds:.2f} CPU s = "
+        f"{docs / cpu_seconds:.0f} docs per CPU-second (target >= 300 per core); "
+        f"whole command {wall:.1f} s incl. start-up, dedup, tokenizer, tokenize"
     )
     big = tmp / "crawl4"
     big.mkdir()
@@ -87,25 +89,29 @@ def bench_tokenize(dataset: Path, rounds: int) -> None:
     texts = [d.text for i in range(n) for d in kept_documents(work, i, drop)]
     tok = Tokenizer.from_file(str(work / "tokenizer" / "tokenizer.json"))
     cfg = {"val_fraction": 0.05, "shard_tokens": 1 << 26}
-    ours, raw = [], []
+    ours, raw, ours_cpu, raw_cpu = [], [], [], []
     tokens = 0
     for r in range(rounds):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
         raw.append(tokens / (time.perf_counter() - start))
+        raw_cpu.append(tokens / (time.process_time() - cpu))
         out = dataset / f"bench-tok-{r}"
         for p in (work / "tokenize").glob("*.done"):
             p.unlink()  # force the stage to run again
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for i in range(n):
             tokenize_shard(cfg, str(work), str(out), i)
         ours.append(tokens / (time.perf_counter() - start))
+        ours_cpu.append(tokens / (time.process_time() - cpu))
         shutil.rmtree(out)
     o, w = statistics.median(ours), statistics.median(raw)
-    print(f"\n(d) {len(texts)} documents, {tokens:,} tokens, median of {rounds} rounds")
-    print(f"{'raw encode_batch':<28}{w:>12,.0f} tokens/s")
-    print(f"{'llmforge tokenize + write':<28}{o:>12,.0f} tokens/s")
-    print(f"ratio {o / w:.2f} (target >= 0.8)")
+    oc, wc = statistics.median(ours_cpu), statistics.median(raw_cpu)
+    print(f"\n(d) {len(texts)} documents, {tokens:,} tokens, median of {rounds} rounds (alternating)")
+    print(f"{'':<28}{'tokens/s':>12}{'tokens/CPU-s':>14}")
+    print(f"{'raw encode_batch':<28}{w:>12,.0f}{wc:>14,.0f}")
+    print(f"{'llmforge tokenize + write':<28}{o:>12,.0f}{oc:>14,.0f}")
+    print(f"ratio {o / w:.2f} wall, {oc / wc:.2f} CPU time (target >= 0.8)")
 
 
 def main() -> None:

@@ -102,3 +102,35 @@ def test_picklable_and_flags_kept():
 @pytest.mark.parametrize("text", ["", "   ", "\n\n\t", "<br><br>", "\u200b"])
 def test_blank_inputs_become_empty(text):
     assert clean(text) == ""
+
+
+def _regex_whitespace(text: str) -> str:
+    """The three-regex definition that `normalize_whitespace` implements line by line."""
+    import re
+
+    from llmforge.prep.clean import _INVISIBLE
+
+    text = _INVISIBLE.sub("", text)
+    text = re.sub(r"[^\S\n]+", " ", text)
+    text = re.sub(r" ?\n ?", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+def test_whitespace_fast_path_equals_regex_definition():
+    import random
+
+    rng = random.Random(0)
+    alphabet = " \t\n\n\x0b\x0c\r\x1c\x85\xa0\u2009\u3000\u200b\ufeff\x00ab.é"
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        assert normalize_whitespace(text) == _regex_whitespace(text), repr(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Www.Example.org/pg ok", "WWW.example.org ok", "see HTTPS://x.org/a.", "ftp://h/f ok", "www2.x.de ok"],
+)
+def test_url_precheck_is_case_insensitive(text):
+    assert "example" not in clean(text) and "x.org" not in clean(text) and "h/f" not in clean(text)
+    assert "x.de" not in clean(text)

@@ -637,3 +637,18 @@ def test_step_contract(make, good, bad):
     clone = pickle.loads(pickle.dumps(step))
     clone.reset_stats()
     assert [d.id for d in clone.run([doc(good, "g"), doc(bad, "b")])] == ["g"]
+
+
+def test_alnum_ascii_fast_path_equals_regex_definition():
+    import random
+    import re
+
+    def by_regex(text: str) -> float:  # symbols: what [^\w\s]|_ finds; no combining marks in ASCII
+        nonspace = sum(1 for c in text if not c.isspace())
+        symbols = len(re.findall(r"[^\w\s]|_", text))
+        return (nonspace - symbols) / nonspace if nonspace else 0.0
+
+    rng = random.Random(0)
+    for _ in range(20_000):
+        text = "".join(chr(rng.randrange(128)) for _ in range(rng.randint(0, 24)))
+        assert alnum_ratio(text) == by_regex(text), repr(text)

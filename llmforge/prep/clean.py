@@ -35,6 +35,7 @@ from llmforge.prep.step import PipelineStep
 # Every line boundary of str.splitlines except "\n" itself and "\x1c".."\x1e" (kept out on purpose: they
 # never appear in web text as line breaks).
 _NEWLINES = re.compile(r"\r\n?|[\x0b\x0c\x85\u2028\u2029]")
+_LINE_BREAKS = ("\r", "\x0b", "\x0c", "\x85", "\u2028", "\u2029")
 
 _HTML_BLOCKS = re.compile(
     r"<!--.*?(?:-->|\Z)"  # comments (an unterminated one runs to the end)
@@ -75,19 +76,28 @@ _EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}\b")
 # and C0/C1 control characters except tab and newline. ZWJ/ZWNJ (U+200C/U+200D) are kept: they are
 # meaningful in Persian, Indic scripts and emoji.
 _INVISIBLE = re.compile(r"[\u200b\u2060\ufeff\u00ad\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f]")
-# Horizontal whitespace: everything str.isspace() accepts except "\n" (other line breaks are already "\n").
-_HSPACE = re.compile(r"[^\S\n]+")
-_SPACE_AROUND_NEWLINE = re.compile(r" ?\n ?")
-_BLANK_RUNS = re.compile(r"\n{3,}")
+
+
+def unify_newlines(text: str) -> str:
+    """Every line break Python knows becomes "\\n"; a text without any costs a few substring scans."""
+    return _NEWLINES.sub("\n", text) if any(c in text for c in _LINE_BREAKS) else text
 
 
 def normalize_whitespace(text: str) -> str:
-    """Collapse spaces/tabs within lines, strip line ends, keep newlines but at most one blank line."""
-    text = _INVISIBLE.sub("", text)
-    text = _HSPACE.sub(" ", text)
-    text = _SPACE_AROUND_NEWLINE.sub("\n", text)
-    text = _BLANK_RUNS.sub("\n\n", text)
-    return text.strip()
+    """Collapse spaces/tabs within lines, strip line ends, keep newlines but at most one blank line.
+
+    Line by line: `str.split()` splits on exactly the characters `re`'s ``\\s`` matches, so
+    ``" ".join(line.split())`` collapses and strips a line in one C call (3x faster than three regex
+    passes over the whole text, same output: tests/test_clean.py compares both on random strings).
+    """
+    out: list[str] = []
+    blank = False
+    for line in _INVISIBLE.sub("", text).split("\n"):
+        line = " ".join(line.split())
+        if line or not blank:
+            out.append(line)
+        blank = not line
+    return "\n".join(out).strip()
 
 
 class Clean(PipelineStep):
@@ -125,18 +135,19 @@ class Clean(PipelineStep):
         self.whitespace = whitespace
 
     def clean_text(self, text: str) -> str:
-        text = _NEWLINES.sub("\n", text)
-        if self.nfkc:
+        text = unify_newlines(text)
+        if self.nfkc and not unicodedata.is_normalized("NFKC", text):
             text = unicodedata.normalize("NFKC", text)
         if self.html_tags and "<" in text:
             text = _HTML_BLOCKS.sub(" ", text)
             text = _HTML_TAG.sub(_tag_replacement, text)
         if self.html_entities and "&" in text:
             text = html.unescape(text)
-            if self.nfkc:  # an entity may stand for a compatibility character (&nbsp;, &#xFB01;)
+            if self.nfkc and not unicodedata.is_normalized("NFKC", text):
+                # an entity may stand for a compatibility character (&nbsp;, &#xFB01;)
                 text = unicodedata.normalize("NFKC", text)
-            text = _NEWLINES.sub("\n", text)
-        if self.urls:
+            text = unify_newlines(text)
+        if self.urls and ("://" in text or "www" in text.lower()):  # what every match contains
             text = _URL.sub("", text)
         if self.emails and "@" in text:
             text = _EMAIL.sub("", text)

@@ -64,6 +64,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
+from itertools import filterfalse, repeat
 from typing import Any
 
 import numpy as np
@@ -81,9 +82,23 @@ BULLETS = ("•", "●", "○", "◦", "▪", "▫", "■", "□", "‣", "⁃",
 ELLIPSES = ("...", "…")
 
 
+def split_words(text: str) -> list[str]:
+    """``text.split()``, remembered for the last text seen: the filters run one after another on the same
+    document, and three of them need its whitespace tokens. Do not modify the returned list."""
+    global _last_split
+    last_text, tokens = _last_split
+    if last_text is not text:  # identity: holding `last_text` keeps its id from being reused
+        tokens = text.split()
+        _last_split = (text, tokens)
+    return tokens
+
+
+_last_split: tuple[str, list[str]] = ("", [])
+
+
 def words_of(text: str) -> list[str]:
     """Whitespace tokens with surrounding punctuation stripped; tokens that were only punctuation go."""
-    return [w for w in (t.strip(WORD_PUNCT) for t in text.split()) if w]
+    return list(filter(None, map(str.strip, split_words(text), repeat(WORD_PUNCT))))
 
 
 def nonblank_lines(text: str) -> list[str]:
@@ -114,7 +129,7 @@ class WordCountFilter(Filter):
         self.max_words = max_words
 
     def filter(self, doc: Document) -> tuple[bool, str | None]:
-        n = len(doc.text.split())
+        n = len(split_words(doc.text))
         if self.min_words is not None and n < self.min_words:
             return False, "too_few_words"
         if self.max_words is not None and n > self.max_words:
@@ -127,6 +142,8 @@ class WordCountFilter(Filter):
 
 # Non-space characters that are not word characters, plus "_" (which \w includes).
 _NON_WORD = re.compile(r"[^\w\s]|_")
+# The ASCII characters `_NON_WORD` does not match: letters, digits and what `re` calls whitespace.
+_ASCII_WORD_OR_SPACE = bytes(c for c in range(128) if not _NON_WORD.match(chr(c)))
 
 
 def alnum_ratio(text: str) -> float:
@@ -137,14 +154,16 @@ def alnum_ratio(text: str) -> float:
     here. Spaces do not count at all (the seed chapter's version divided by all characters). 0.0 for a text
     without non-space characters.
     """
-    others = _NON_WORD.findall(text)
-    symbols = sum(1 for c in others if unicodedata.category(c)[0] != "M")
-    nonspace = len(text) - sum(map(str.isspace, text)) if not text.isascii() else _ascii_nonspace(text)
+    if text.isascii():  # no combining marks; one C pass deletes what `_NON_WORD` would not find
+        symbols, nonspace = len(text.encode().translate(None, _ASCII_WORD_OR_SPACE)), _ascii_nonspace(text)
+    else:
+        symbols = sum(1 for c in _NON_WORD.findall(text) if unicodedata.category(c)[0] != "M")
+        nonspace = len(text) - sum(map(str.isspace, text))
     return (nonspace - symbols) / nonspace if nonspace else 0.0
 
 
 def _ascii_nonspace(text: str) -> int:
-    return len(text) - sum(text.count(c) for c in " \t\n\r\x0b\x0c")
+    return len(text) - sum(text.count(c) for c in " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f")  # str.isspace
 
 
 class AlphanumericFilter(Filter):
@@ -260,7 +279,8 @@ class GopherQualityFilter(Filter):
 
         if self.min_alpha_words_ratio is not None:
             # Most words are all letters (one C call); only the rest need a character scan.
-            alpha = sum(1 for w in words if w.isalpha() or any(map(str.isalpha, w)))
+            alpha = sum(map(str.isalpha, words))
+            alpha += sum(1 for w in filterfalse(str.isalpha, words) if any(map(str.isalpha, w)))
             if alpha / n < self.min_alpha_words_ratio:
                 return False, "gopher_alpha_words"
 
@@ -318,54 +338,55 @@ def _ngram_fractions(words: list[str], top_ns: Iterable[int], dup_ns: Iterable[i
 
     Exact (no hashing): each n-gram gets a dense integer id from the pair (id of its first n-1 words, id of
     its last word), one `np.unique` per n. Word ids and n-gram ids are below the word count L, so the pair
-    key ``id * L + word`` fits in int64 for any document.
+    key ``id * L + word`` fits in int64 for any document. Only candidates are looked at: an n-gram can
+    repeat only where its first n-1 words repeat, so each n keeps the start positions whose (n-1)-gram
+    occurs more than once (usually a small, shrinking share of the text).
     """
     top_ns, dup_ns = set(top_ns), set(dup_ns)
     max_n = max(top_ns | dup_ns, default=0)
     L = len(words)
     if max_n < 2 or L < 2:
         return
-    vocab: dict[str, int] = {}
-    word_ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.int64, count=L)
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}  # ids in order of first occurrence
+    word_ids = np.fromiter(map(vocab.__getitem__, words), dtype=np.int64, count=L)
     lengths = np.fromiter(map(len, words), dtype=np.int64, count=L)
     total = int(lengths.sum())
     if total == 0:
         return
-    gram_ids = word_ids  # id of the (n-1)-gram starting at each position
-    any_repeat = True
+    csum = np.concatenate(([0], np.cumsum(lengths)))
+    pos = np.flatnonzero(np.bincount(word_ids)[word_ids] > 1)  # starts of candidate (n-1)-grams
+    ids = word_ids[pos]  # their (n-1)-gram ids
     for n in range(2, max_n + 1):
         if L < n:
             return
-        if not any_repeat:  # no (n-1)-gram repeats, so no n-gram can: every later fraction is 0
+        inside = pos <= L - n
+        pos, ids = pos[inside], ids[inside]
+        if pos.size == 0:  # no (n-1)-gram repeats, so no n-gram can: every later fraction is 0
             for m in range(n, max_n + 1):
                 if m in top_ns:
                     yield "top", m, 0.0
                 if m in dup_ns:
                     yield "dup", m, 0.0
             return
-        key = gram_ids[:-1] * L + word_ids[n - 1 :]
-        _, first, gram_ids, counts = np.unique(
-            key, return_index=True, return_inverse=True, return_counts=True
-        )
-        gram_ids = gram_ids.reshape(-1)
-        any_repeat = bool(counts.max() > 1)
+        key = ids * L + word_ids[pos + n - 1]
+        _, first, ids, counts = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
+        ids = ids.reshape(-1)
+        repeated = counts[ids] > 1
         if n in top_ns:
             frac = 0.0
-            if any_repeat:
+            if counts.max() > 1:
                 # the most frequent n-gram; ties go to the most characters, then to the earliest
-                csum = np.concatenate(([0], np.cumsum(lengths)))
                 best = np.flatnonzero(counts == counts.max())
-                chars = csum[first[best] + n] - csum[first[best]]
-                best = best[chars == chars.max()]
-                top = best[np.argmin(first[best])]
-                frac = _covered_chars(np.flatnonzero(gram_ids == top), n, lengths) / total
+                starts = pos[first[best]]
+                chars = csum[starts + n] - csum[starts]
+                best, starts = best[chars == chars.max()], starts[chars == chars.max()]
+                top = best[np.argmin(starts)]
+                frac = _covered_chars(pos[ids == top], n, lengths) / total
             yield "top", n, frac
         if n in dup_ns:
-            frac = 0.0
-            if any_repeat:
-                positions = np.arange(gram_ids.size)
-                frac = _covered_chars(np.flatnonzero(first[gram_ids] != positions), n, lengths) / total
-            yield "dup", n, frac
+            later = first[ids] != np.arange(ids.size)  # occurrences after an n-gram's first
+            yield "dup", n, _covered_chars(pos[later], n, lengths) / total
+        pos, ids = pos[repeated], ids[repeated]
 
 
 def repetition_stats(
@@ -407,7 +428,7 @@ def repetition_stats(
         out[f"top_{n}gram_char_frac"] = 0.0
     for n in dup_ngrams:
         out[f"dup_{n}gram_char_frac"] = 0.0
-    for kind, n, frac in _ngram_fractions(text.split(), top_ngrams, dup_ngrams):
+    for kind, n, frac in _ngram_fractions(split_words(text), top_ngrams, dup_ngrams):
         out[f"{kind}_{n}gram_char_frac"] = frac
     return out
 
@@ -462,7 +483,7 @@ class RepetitionFilter(Filter):
         if self.top_ngrams or self.dup_ngrams:
             limits = {("top", n): v for n, v in self.top_ngrams.items()}
             limits.update({("dup", n): v for n, v in self.dup_ngrams.items()})
-            for kind, n, frac in _ngram_fractions(text.split(), self.top_ngrams, self.dup_ngrams):
+            for kind, n, frac in _ngram_fractions(split_words(text), self.top_ngrams, self.dup_ngrams):
                 if frac > limits[kind, n]:
                     return False, f"{kind}_{n}gram_char_frac"
         return True, None

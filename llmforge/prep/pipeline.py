@@ -161,7 +161,7 @@ def process_shard(cfg: dict, work_dir: str, index: int, source: str | list[str])
     stats_path = out / f"{index:05d}.stats.json"
     if marker_ok(out / f"{index:05d}.done", h):
         return json.loads(stats_path.read_text())
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         local = str(download(source, work / "downloads" / f"{index:05d}-{Path(source).name}"))
     else:
@@ -205,6 +205,7 @@ def process_shard(cfg: dict, work_dir: str, index: int, source: str | list[str])
         "steps": [s.stats.as_dict() for s in steps],
         "kept": n,
         "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,  # this process, all its threads
     }
     write_json(out / f"{index:05d}.dropped.json", {s.name: s.stats.samples for s in steps})
     write_json(stats_path, stats)
@@ -337,7 +338,7 @@ def tokenize_shard(cfg: dict, work_dir: str, out_dir: str, index: int) -> dict:
     summary_path = work / "tokenize" / f"{index:05d}.json"
     if marker_ok(work / "tokenize" / f"{index:05d}.done", h):
         return json.loads(summary_path.read_text())
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     tok = load_tokenizer(str(tok_path), tok_path.stat().st_mtime_ns)
     specials = special_token_ids(tok)
     vocab = tok.get_vocab_size()
@@ -352,6 +353,7 @@ def tokenize_shard(cfg: dict, work_dir: str, out_dir: str, index: int) -> dict:
     count = encode_into(writers, docs, tok, float(cfg["val_fraction"]))
     summary = {split: w.summary() for split, w in writers.items()}
     summary["seconds"] = time.perf_counter() - start
+    summary["cpu_seconds"] = time.process_time() - cpu_start
     summary["documents_in"] = count
     write_json(summary_path, summary)
     write_marker(work / "tokenize" / f"{index:05d}.done", h)

@@ -35,10 +35,12 @@ def encode_into(
     """Encode (id, text) documents in batches into the train or val writer, chosen by hash; returns count."""
     # Text that happens to spell "<eos>" or "<mask>" is text: never let it become a special id.
     was, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True
+    # tokenizers >= 0.21: the same ids without computing character offsets (~10% less work)
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     count = 0
     try:
         for chunk in batched(documents, batch_size):
-            encodings = tokenizer.encode_batch([text for _, text in chunk], add_special_tokens=False)
+            encodings = encode([text for _, text in chunk], add_special_tokens=False)
             for (doc_id, text), enc in zip(chunk, encodings, strict=True):
                 split = "val" if is_validation(doc_id, text, val_fraction) else "train"
                 writers[split].add(enc.ids)
