@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from llmforge.callbacks import RunManifest
+from llmforge.callbacks import DivergenceError, RunManifest, StabilityGuard
 from llmforge.config import validate
 from llmforge.data.datamodule import ShardDataModule
 from llmforge.data.shards import read_manifest
@@ -110,11 +110,17 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     for spec in (cfg.callbacks or {}).values():
         if spec is None:
             continue
-        cb = instantiate(spec)
+        try:
+            cb = instantiate(spec)
+        except InstantiationException as err:
+            if isinstance(err.__cause__, ValueError):  # a callback's own check of its knobs
+                raise err.__cause__ from None
+            raise
         if isinstance(cb, ProgressBar) and not cfg.trainer.enable_progress_bar:
             continue
         callbacks.append(cb)
-    callbacks.append(RunManifest(cfg.run_dir, cfg.data.path))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks.append(RunManifest(cfg.run_dir, cfg.data.path, config=config))
     return callbacks
 
 
@@ -146,6 +152,45 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
     if dst.is_dir():
         shutil.rmtree(dst)
     tmp.replace(dst)
+
+
+def stopped_by_guard(trainer: L.Trainer, guard: StabilityGuard, ckpt_dir: Path) -> None:
+    """The stability guard ended the run: no final checkpoint of the suspect weights; ``last.ckpt``
+    becomes the last good checkpoint (or is removed when there is none); raise `DivergenceError`."""
+    last = ckpt_dir / "last.ckpt"
+    good = guard.last_good_checkpoint(ckpt_dir)
+    trainer.strategy.barrier()
+    if trainer.is_global_zero:
+        if good is not None:
+            copy_checkpoint(good, last)
+        elif last.is_dir():
+            shutil.rmtree(last)
+        else:
+            last.unlink(missing_ok=True)
+    trainer.strategy.barrier()
+    where = (
+        f"last good checkpoint {good} (copied to {last}; resume=auto continues from it)"
+        if good is not None
+        else "no good checkpoint was saved before it (lower trainer.ckpt_every_n_steps)"
+    )
+    raise DivergenceError(
+        f"training stopped: {guard.stop_reason}; {where}; "
+        f"details in {Path(trainer.default_root_dir) / 'anomalies.jsonl'}"
+    )
+
+
+def save_last(trainer: L.Trainer, ckpt_dir: Path) -> Path:
+    """Saves the current state as ``step{N}.ckpt`` (unless saved already) and copies it to ``last.ckpt``.
+    Every rank calls it; rank 0 decides whether the step checkpoint exists, so all ranks agree."""
+    last = ckpt_dir / "last.ckpt"
+    final = ckpt_dir / f"step{trainer.global_step:07d}.ckpt"
+    if not trainer.strategy.broadcast(final.exists(), src=0):
+        trainer.save_checkpoint(final)
+    trainer.strategy.barrier()
+    if trainer.is_global_zero:
+        copy_checkpoint(final, last)
+    trainer.strategy.barrier()
+    return last
 
 
 def run(cfg: DictConfig) -> RunResult:
@@ -186,6 +231,7 @@ def run(cfg: DictConfig) -> RunResult:
         limit_val_batches=t.limit_val_batches,
         num_sanity_val_steps=0,
         log_every_n_steps=t.log_every_n_steps,
+        enable_autolog_hparams=False,  # RunManifest logs the whole resolved config instead
         deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar,
         logger=logger,
@@ -197,6 +243,9 @@ def run(cfg: DictConfig) -> RunResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    guard = next((c for c in trainer.callbacks if isinstance(c, StabilityGuard)), None)
+    if guard is not None and guard.stop_reason:
+        stopped_by_guard(trainer, guard, ckpt_dir)
 
     last = ckpt_dir / "last.ckpt"
     final = ckpt_dir / f"step{trainer.global_step:07d}.ckpt"

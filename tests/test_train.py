@@ -52,7 +52,7 @@ def test_run_dir_holds_everything(train_cfg):
     scalars = read_scalars(d)
     assert {"train/loss", "train/lr", "train/ppl", "val/loss", "val/ppl"} <= set(scalars)
     ckpts = sorted(p.name for p in (d / "checkpoints").glob("*.ckpt"))
-    assert ckpts == ["last.ckpt", "step0000002.ckpt", "step0000003.ckpt"]
+    assert ckpts == ["last.ckpt", "step0000000.ckpt", "step0000002.ckpt", "step0000003.ckpt"]  # 0: guard
     ck = torch.load(d / "checkpoints" / "last.ckpt", weights_only=False)
     assert ck["global_step"] == 3
     assert ck["ShardDataModule"]["cursor"] == 3 * 4  # 3 steps x batch 4 x 1 rank

@@ -118,6 +118,7 @@ class PretrainModule(L.LightningModule):
     # -- shared training logic -------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _, extra = self.loss(batch)
+        self.last_train_loss = loss.detach()  # for the stability guard (before AMP scaling)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach().float().clamp(max=30)))
         for key, value in extra.items():
