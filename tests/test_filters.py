@@ -515,6 +515,7 @@ def test_c4_keeps_good_lines_and_counts_removed_ones():
     assert step.line_stats == Counter(
         lines_in=9, lines_kept=3, no_terminal_punct=3, javascript=1, policy=1, too_long_word=1
     )
+    assert step.stats.as_dict()["counters"] == dict(sorted(step.line_stats.items()))  # reaches stats.json
     step.reset_stats()
     assert not step.line_stats
 

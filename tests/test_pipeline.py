@@ -137,3 +137,28 @@ def test_sigkill_at_any_point_then_rerun_gives_identical_bytes(crawl, tmp_path):
     )
     assert final.returncode == 0, final.stderr[-3000:]
     assert outputs(out) == expected
+
+
+def test_funnel_report_shows_step_counters():
+    from llmforge.prep.pipeline import funnel_report
+
+    c4 = {
+        "name": "c4",
+        "docs_in": 4,
+        "docs_out": 3,
+        "chars_in": 400,
+        "chars_out": 200,
+        "seconds": 0.1,
+        "dropped": {"c4_too_few_sentences": 1},
+        "counters": {"lines_in": 20, "javascript": 2},
+    }
+    shard = {"reader": {"records": 5, "documents": 4}, "steps": [c4], "kept": 3}
+    tok = {
+        "train": {"tokens": 10, "documents": 3},
+        "val": {"tokens": 0, "documents": 0},
+        "seconds": 0.1,
+        "documents_in": 3,
+    }
+    totals, report = funnel_report([shard, shard], {"docs_in": 6, "docs_out": 6}, [tok])
+    assert totals["steps"]["c4"]["counters"] == {"javascript": 4, "lines_in": 40}
+    assert "c4 counts: lines_in: 40, javascript: 4" in report

@@ -685,7 +685,8 @@ class C4LineFilter(PipelineStep):
     Edits the text: keeps only lines that pass the line rules, and drops the page on the page rules.
     Off by default in `build_filters` (it is English-centric and removes much of a page's structure).
 
-    Line rules, in order (a line failing one is removed and counted in ``line_stats`` under its name):
+    Line rules, in order (a line failing one is removed and counted in ``line_stats`` under its name;
+    ``line_stats`` is the step's ``stats.counters``, so the counts reach stats.json and the funnel report):
     ``too_long_word`` (a word over ``max_word_length``=1000 chars), then Wikipedia-style citations
     ("[1]", "[edit]", "[citation needed]") are cut from the line if ``remove_citations``, then
     ``no_terminal_punct`` (not ending in one of ``end_marks``, or ending in "..."), ``too_few_words``
@@ -725,11 +726,10 @@ class C4LineFilter(PipelineStep):
         self.filter_curly_bracket = filter_curly_bracket
         self.filter_policy = filter_policy
         self.policy_substrings = tuple(policy_substrings)
-        self.line_stats: Counter = Counter()
 
-    def reset_stats(self) -> None:
-        super().reset_stats()
-        self.line_stats = Counter()
+    @property
+    def line_stats(self) -> Counter:
+        return self.stats.counters
 
     def clean_lines(self, text: str) -> tuple[str | None, str | None]:
         """(new text, None), or (None, page reason) when the page is dropped. Counts lines in line_stats."""

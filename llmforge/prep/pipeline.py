@@ -411,6 +411,10 @@ def funnel_report(process_stats: list[dict], dedup: dict, tokenize: list[dict]) 
     lines.append(
         row("tokenize", sum(t["documents_in"] for t in tokenize), docs["train"] + docs["val"], tok_secs, {})
     )
+    for st in steps.values():
+        if st.counters:
+            counts = ", ".join(f"{k}: {v}" for k, v in sorted(st.counters.items(), key=lambda kv: -kv[1]))
+            lines += ["", f"{st.name} counts: {counts}"]
     lines += [
         "",
         f"Tokens: train {tokens['train']:,}, val {tokens['val']:,}; documents: train {docs['train']:,}, "

@@ -25,6 +25,8 @@ class StepStats:
     chars_out: int = 0
     seconds: float = 0.0
     dropped: Counter = field(default_factory=Counter)
+    # anything else a step counts, e.g. the C4 filter's removed lines per rule
+    counters: Counter = field(default_factory=Counter)
     # reason -> up to `sample_cap` dropped documents (id, url, text excerpt)
     samples: dict[str, list[dict]] = field(default_factory=dict)
 
@@ -38,6 +40,7 @@ class StepStats:
             "seconds": round(self.seconds, 6),
             "docs_per_s": round(self.docs_in / self.seconds, 1) if self.seconds > 0 else None,
             "dropped": dict(sorted(self.dropped.items())),
+            "counters": dict(sorted(self.counters.items())),
         }
 
     def merge(self, other: dict) -> None:
@@ -45,6 +48,7 @@ class StepStats:
         for key in ("docs_in", "docs_out", "chars_in", "chars_out", "seconds"):
             setattr(self, key, getattr(self, key) + other[key])
         self.dropped.update(other["dropped"])
+        self.counters.update(other.get("counters") or {})
 
 
 class PipelineStep:
