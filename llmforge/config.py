@@ -117,6 +117,7 @@ class TrainConfig:
     run_dir: str = "${hydra:runtime.output_dir}"
     seed: int = 1234
     resume: str | None = None  # null | auto | path/to.ckpt
+    init_from: str | None = None  # weights to start from: a Hugging Face Llama dir or an llmforge .ckpt
     model: TransformerConfig = MISSING
     objective: ObjectiveConfig = MISSING
     data: DataConfig = MISSING

@@ -204,6 +204,12 @@ def run(cfg: DictConfig) -> RunResult:
     ckpt_path = resolve_resume(cfg, ckpt_dir)
 
     module = build_module(cfg, data_manifest)
+    if cfg.init_from and ckpt_path is None:  # continued pre-training; a resumed run has its own weights
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from llmforge.hf import init_from
+
+        rank_zero_info(f"init_from: loaded {init_from(module, cfg.init_from)}")
     datamodule = ShardDataModule(
         path=cfg.data.path,
         seq_len=cfg.data.seq_len,
