@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from itertools import islice
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from omegaconf import DictConfig
 from llmforge.config import register
 
 ROOT = Path(__file__).resolve().parent.parent
+# Hermetic: nothing cached by earlier runs on this machine (llmforge.prep.filters.cache_dir) is seen.
+os.environ["LLMFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="llmforge-test-cache-")
 CONF = ROOT / "conf"
 register()
 

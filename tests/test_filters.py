@@ -456,8 +456,9 @@ def test_langdetect_rs_gives_identical_languages_and_probabilities():
     assert F.resolve_backend("auto") == "langdetect_rs"
 
 
-def test_auto_backend_falls_back_to_langdetect(monkeypatch):
+def test_auto_backend_falls_back_to_langdetect(monkeypatch, tmp_path):
     real_factory, real_detect = F._factory, F.detect_language
+    monkeypatch.setenv("LLMFORGE_CACHE_DIR", str(tmp_path / "a"))
 
     def no_rust(backend):
         if backend == "langdetect_rs":
@@ -477,9 +478,29 @@ def test_auto_backend_falls_back_to_langdetect(monkeypatch):
     monkeypatch.setattr(F, "_factory", real_factory)
     monkeypatch.setattr(F, "detect_language", rust_differs)
     assert F.resolve_backend("auto") == "langdetect"
+    monkeypatch.setenv("LLMFORGE_CACHE_DIR", str(tmp_path / "b"))
     monkeypatch.setattr(F, "_AUTO_BACKEND", None)
     monkeypatch.setattr(F, "detect_language", real_detect)
     assert F.resolve_backend("auto") == "langdetect_rs"
+
+
+def test_auto_backend_verdict_is_cached_per_versions(monkeypatch, tmp_path):
+    pytest.importorskip("langdetect_rs")
+    monkeypatch.setenv("LLMFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(F, "_AUTO_BACKEND", None)
+    assert F.resolve_backend("auto") == "langdetect_rs"
+    (verdict,) = tmp_path.glob("language-backend-*.json")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the cached verdict should have been used")
+
+    monkeypatch.setattr(F, "_AUTO_BACKEND", None)  # a new process: the check is not redone
+    monkeypatch.setattr(F, "detect_language", must_not_run)
+    assert F.resolve_backend("auto") == "langdetect_rs"
+    verdict.write_text("not json")  # a damaged cache entry: checked again
+    monkeypatch.setattr(F, "_AUTO_BACKEND", None)
+    with pytest.raises(AssertionError, match="cached verdict"):
+        F.resolve_backend("auto")
 
 
 def test_language_backend_validation():

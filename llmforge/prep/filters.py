@@ -58,13 +58,18 @@ length, n-gram repetition) do not describe it — run them only where the target
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
+from importlib import metadata
 from itertools import filterfalse, repeat
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -571,8 +576,9 @@ def detect_language(text: str, seed: int = 0, backend: str = "langdetect") -> li
 
 def resolve_backend(backend: str = "auto") -> str:
     """Resolve "auto": "langdetect_rs" when it imports and answers exactly as langdetect does on
-    `LANGUAGE_PROBES` (checked once per process, seeds 0 and 1: same languages, bit-identical
-    probabilities), else "langdetect". Other names are checked and returned as they are."""
+    `LANGUAGE_PROBES` (seeds 0 and 1: same languages, bit-identical probabilities; checked once per
+    installed pair of versions, the verdict kept in `cache_dir`), else "langdetect". Other names are
+    checked and returned as they are."""
     global _AUTO_BACKEND
     if backend != "auto":
         if backend not in BACKENDS:
@@ -583,22 +589,49 @@ def resolve_backend(backend: str = "auto") -> str:
     return _AUTO_BACKEND
 
 
+def cache_dir() -> Path:
+    """Where llmforge keeps small derived facts: ``$LLMFORGE_CACHE_DIR``, else ``~/.cache/llmforge``."""
+    env = os.environ.get("LLMFORGE_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmforge"
+
+
 def _choose_backend() -> str:
     try:
         _factory("langdetect_rs")
     except ImportError:
         return "langdetect"
     try:
-        _factory("langdetect")
-    except ImportError:
+        versions = [metadata.version(name) for name in ("langdetect", "langdetect-rs")]
+    except metadata.PackageNotFoundError:
         log.warning("langdetect is not installed: using langdetect_rs without checking it against langdetect")
         return "langdetect_rs"
+    # The verdict depends only on the two installed versions and the probes: remember it on disk, so a
+    # worker process does not spend ~0.5 s loading pure-Python langdetect to check it again.
+    key = hashlib.sha256(json.dumps([versions, LANGUAGE_PROBES]).encode()).hexdigest()[:16]
+    verdict = cache_dir() / f"language-backend-{key}.json"
+    try:
+        return json.loads(verdict.read_text())["backend"]
+    except (OSError, ValueError, KeyError):
+        pass
+    backend = "langdetect_rs"
     for seed in (0, 1):
         for text in LANGUAGE_PROBES:
             if detect_language(text, seed, "langdetect_rs") != detect_language(text, seed, "langdetect"):
                 log.warning("langdetect_rs differs from langdetect on %r: using langdetect", text[:40])
-                return "langdetect"
-    return "langdetect_rs"
+                backend = "langdetect"
+                break
+        if backend == "langdetect":
+            break
+    try:
+        verdict.parent.mkdir(parents=True, exist_ok=True)
+        tmp = verdict.with_name(f"{verdict.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"backend": backend, "versions": versions}))
+        os.replace(tmp, verdict)
+    except OSError:
+        pass  # a read-only home: check again next time
+    return backend
 
 
 class LanguageFilter(Filter):
