@@ -58,6 +58,7 @@ length, n-gram repetition) do not describe it — run them only where the target
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -65,7 +66,7 @@ import os
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from importlib import metadata
 from itertools import filterfalse, repeat
@@ -87,27 +88,37 @@ BULLETS = ("•", "●", "○", "◦", "▪", "▫", "■", "□", "‣", "⁃",
 ELLIPSES = ("...", "…")
 
 
+def last_text_cache(fn: Callable[[str], list[str]]) -> Callable[[str], list[str]]:
+    """Remember `fn`'s result for the last text it saw: the filters run one after another on the same
+    document, and several need its words or lines. The result is shared: callers must not modify it."""
+    last: list[tuple[str | None, list[str]]] = [(None, [])]  # holding the text keeps its id from reuse
+
+    @functools.wraps(fn)
+    def cached(text: str) -> list[str]:
+        seen, result = last[0]  # one tuple, swapped whole: safe across threads
+        if seen is not text:
+            result = fn(text)
+            last[0] = (text, result)
+        return result
+
+    return cached
+
+
+@last_text_cache
 def split_words(text: str) -> list[str]:
-    """``text.split()``, remembered for the last text seen: the filters run one after another on the same
-    document, and three of them need its whitespace tokens. Do not modify the returned list."""
-    global _last_split
-    last_text, tokens = _last_split
-    if last_text is not text:  # identity: holding `last_text` keeps its id from being reused
-        tokens = text.split()
-        _last_split = (text, tokens)
-    return tokens
+    """``text.split()``: whitespace tokens."""
+    return text.split()
 
 
-_last_split: tuple[str, list[str]] = ("", [])
-
-
+@last_text_cache
 def words_of(text: str) -> list[str]:
     """Whitespace tokens with surrounding punctuation stripped; tokens that were only punctuation go."""
     return list(filter(None, map(str.strip, split_words(text), repeat(WORD_PUNCT))))
 
 
+@last_text_cache
 def nonblank_lines(text: str) -> list[str]:
-    return [line for line in (raw.strip() for raw in text.splitlines()) if line]
+    return [line for line in map(str.strip, text.splitlines()) if line]
 
 
 def _check_range(lo: float | None, hi: float | None, what: str) -> None:
