@@ -522,7 +522,7 @@ def format_table(e: Estimate) -> str:
         "per block; CUDA context and allocator slack not included)"
     )
     r = e.recommendation
-    lines += ["", f"recommendation: {r.decision} ({r.model_size})"]
+    lines += ["", f"recommendation: {r.decision}"]
     lines += [f"  - {reason}" for reason in r.reasons]
     lines += [f"note: {n}" for n in e.notes]
     return "\n".join(lines)
