@@ -15,6 +15,7 @@ register()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from llmforge.callbacks import DivergenceError
     from llmforge.training import run  # heavy imports after Hydra has parsed the command line
 
     # Hydra's handlers (console + train.log) already receive Lightning's messages: drop its own duplicate.
@@ -25,6 +26,9 @@ def main(cfg: DictConfig) -> float | None:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except DivergenceError as err:  # the stability guard stopped the run (callbacks.guard)
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(3)
     if result.run_dir and _is_rank_zero():
         print(f"\nrun dir      {result.run_dir}")
         print(f"checkpoint   {result.last_checkpoint}  (step {result.global_step})")

@@ -1,0 +1,249 @@
+"""The stability guard: NaN/Inf and loss spikes, with each policy, on tiny real runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from llmforge.callbacks import DivergenceError, StabilityGuard
+from llmforge.training import build_callbacks, run
+from tests.conftest import run_cli
+
+RECORDER = "+callbacks.samples._target_=llmforge.callbacks.SampleIndexRecorder"
+
+
+class PoisonLoss(L.Callback):
+    """Test harness: the training loss of the given steps is multiplied by ``factor`` (nan: a batch whose
+    loss is NaN; a large number: a spike, with gradients as large), on the given ranks only."""
+
+    def __init__(self, steps: list[int], factor: float | str, ranks: list[int] | None = None) -> None:
+        self.steps, self.factor, self.ranks = set(steps), float(factor), ranks
+
+    def on_fit_start(self, trainer, pl_module):
+        loss = pl_module.loss
+
+        def poisoned(batch):
+            value, n, extra = loss(batch)
+            hit = pl_module.training and trainer.global_step in self.steps
+            if hit and (self.ranks is None or trainer.global_rank in self.ranks):
+                value = value * self.factor
+            return value, n, extra
+
+        pl_module.loss = poisoned
+
+
+class CorruptWeights(L.Callback):
+    """Test harness: a weight becomes NaN at the start of the given steps (a diverged model, persistent)."""
+
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = set(steps)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            with torch.no_grad():
+                pl_module.model.norm.weight[0] = float("nan")  # the final norm: every logit turns NaN
+
+
+def poison(steps: list[int], factor: str = "nan") -> list[str]:
+    return [
+        "+callbacks.poison._target_=tests.test_stability.PoisonLoss",
+        f"+callbacks.poison.steps=[{','.join(map(str, steps))}]",
+        f"+callbacks.poison.factor={factor}",
+    ]
+
+
+def anomalies(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "anomalies.jsonl").read_text().splitlines()]
+
+
+def batches(run_dir) -> list[list[int]]:
+    lines = (run_dir / "samples" / "rank0.txt").read_text().splitlines()
+    return [list(map(int, line.split())) for line in lines]
+
+
+def state(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=False)["state_dict"]
+
+
+def finite(sd: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(t).all() for t in sd.values() if t.is_floating_point())
+
+
+def common(*extra: str) -> tuple[str, ...]:
+    return ("debug=fast", "trainer.val_check_interval=100", RECORDER, *extra)
+
+
+def test_skip_discards_the_nan_step_and_records_its_samples(train_cfg):
+    cfg = train_cfg(*common("trainer.max_steps=6", "callbacks.guard.nan_policy=skip", *poison([3])))
+    result = run(cfg)
+    assert result.global_step == 6
+    (record,) = anomalies(result.run_dir)
+    assert record["step"] == 3 and record["kind"] == "nan" and record["action"] == "skip"
+    assert record["loss"] == "nan"
+    assert record["indices"] == batches(result.run_dir)[3]  # the windows of step 3's batch
+    ckpt = result.run_dir / "checkpoints"
+    before, after = state(ckpt / "step0000003.ckpt"), state(ckpt / "step0000004.ckpt")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # step 3 changed nothing
+    assert finite(state(result.last_checkpoint))
+    assert not torch.equal(after["model.norm.weight"], state(ckpt / "step0000005.ckpt")["model.norm.weight"])
+
+
+def test_warn_applies_the_step_and_records_every_anomaly(train_cfg):
+    result = run(train_cfg(*common("trainer.max_steps=5", "callbacks.guard.nan_policy=warn", *poison([2]))))
+    assert result.global_step == 5
+    records = anomalies(result.run_dir)
+    # the NaN gradients of step 2 were applied: the model is NaN from then on
+    assert [r["step"] for r in records] == [2, 3, 4] and {r["action"] for r in records} == {"warn"}
+    assert not finite(state(result.last_checkpoint))
+
+
+def test_stop_ends_the_run_with_the_last_good_checkpoint(train_cfg):
+    cfg = train_cfg(*common("trainer.max_steps=8", "callbacks.guard.nan_policy=stop", *poison([3])))
+    with pytest.raises(DivergenceError, match=r"nan at step 3.*last good checkpoint .*step0000002\.ckpt"):
+        run(cfg)
+    run_dir = cfg.run_dir
+    from pathlib import Path
+
+    ckpt = Path(run_dir) / "checkpoints"
+    (record,) = anomalies(Path(run_dir))
+    assert record["step"] == 3 and record["action"] == "stop"
+    last = torch.load(ckpt / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 2  # weights whose loss (step 2) was checked and fine
+    good = state(ckpt / "step0000002.ckpt")
+    assert all(torch.equal(last["state_dict"][k], good[k]) for k in good) and finite(good)
+    assert len(batches(Path(run_dir))) == 4  # nothing trained after step 3
+
+
+def test_spike_after_warmup_is_detected_and_skipped(train_cfg):
+    cfg = train_cfg(
+        "debug=overfit",
+        RECORDER,
+        "trainer.max_steps=14",
+        "callbacks.guard.spike_policy=skip",
+        "callbacks.guard.warmup=5",
+        "callbacks.guard.window=5",
+        "callbacks.guard.zscore=6",
+        *poison([3, 11], factor="30"),  # step 3 is inside the warmup: not looked at
+    )
+    result = run(cfg)
+    (record,) = anomalies(result.run_dir)
+    assert record["step"] == 11 and record["kind"] == "spike" and record["action"] == "skip"
+    assert record["loss"] > record["threshold"] == pytest.approx(record["mean"] + 6 * record["std"])
+    assert record["indices"] == batches(result.run_dir)[11]
+
+
+def test_rollback_reloads_the_last_good_state_then_stops_at_the_cap(train_cfg):
+    cfg = train_cfg(
+        *common(
+            "trainer.max_steps=10",
+            "callbacks.guard.nan_policy=rollback",
+            "callbacks.guard.max_rollbacks=1",
+            "+callbacks.corrupt._target_=tests.test_stability.CorruptWeights",
+            "+callbacks.corrupt.steps=[4,7]",
+        )
+    )
+    with pytest.raises(DivergenceError, match=r"nan at step 7.*max_rollbacks=1"):
+        run(cfg)
+    from pathlib import Path
+
+    run_dir = Path(cfg.run_dir)
+    ckpt = run_dir / "checkpoints"
+    first, second = anomalies(run_dir)
+    assert (first["step"], first["action"]) == (4, "rollback to step0000003.ckpt")
+    assert (second["step"], second["action"]) == (7, "stop")
+    # step 4 restored W_3 (model and optimizer) and applied nothing: W_5 == W_3, bit for bit
+    w3 = torch.load(ckpt / "step0000003.ckpt", weights_only=False)
+    w5 = torch.load(ckpt / "step0000005.ckpt", weights_only=False)
+    assert finite(w5["state_dict"])
+    assert all(torch.equal(w3["state_dict"][k], w5["state_dict"][k]) for k in w3["state_dict"])
+    s3, s5 = w3["optimizer_states"][0]["state"], w5["optimizer_states"][0]["state"]
+    assert all(torch.equal(s3[i]["exp_avg"], s5[i]["exp_avg"]) for i in s3)
+    # the run went on after the rollback (steps 5 and 6 trained), then stopped at the cap
+    assert not torch.equal(
+        w5["state_dict"]["model.norm.weight"], state(ckpt / "step0000007.ckpt")["model.norm.weight"]
+    )
+    last = torch.load(ckpt / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 6 and finite(last["state_dict"])
+    assert last["callbacks"]["StabilityGuard"]["rollbacks"] == 1
+
+
+def test_absurd_learning_rate_ends_with_a_message_and_a_usable_checkpoint(tmp_path, tiny_data):
+    proc = run_cli(
+        "llmforge.train",
+        "model=tiny",
+        f"data.path={tiny_data}",
+        "data.seq_len=32",
+        "data.batch_size=4",
+        "trainer.enable_progress_bar=false",
+        "trainer.max_steps=40",
+        "optim.lr=1e4",
+        "name=lr",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "stopped: training stopped: nan at step" in proc.stderr
+    assert "last good checkpoint" in proc.stderr and "last.ckpt" in proc.stderr
+    run_dir = tmp_path / "runs" / "lr"
+    assert anomalies(run_dir)[0]["kind"] == "nan"
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert finite(last["state_dict"])  # no NaN, and it loads into the model
+    from llmforge.objectives.clm import CausalLM
+
+    module = CausalLM(**last["hyper_parameters"])
+    module.load_state_dict(last["state_dict"])
+    assert math.isfinite(float(module.loss(_batch(module))[0]))
+
+
+def _batch(module) -> dict:
+    ids = torch.randint(5, module.model_cfg.vocab_size - 1, (2, 16))
+    return {"input_ids": ids, "labels": ids.roll(-1, dims=1)}
+
+
+def test_bad_knobs_are_named(train_cfg):
+    with pytest.raises(ValueError, match=r"callbacks.guard.nan_policy='explode' is not one of warn, skip"):
+        build_callbacks(train_cfg("callbacks.guard.nan_policy=explode"))
+    with pytest.raises(ValueError, match=r"callbacks.guard.warmup=50 exceeds callbacks.guard.window=10"):
+        StabilityGuard(window=10, warmup=50)
+
+
+def test_spike_detection_statistics():
+    guard = StabilityGuard(window=4, warmup=3, zscore=3.0, factor=2.0)
+    assert guard.check(float("inf"))[0] == "nan" and guard.check(float("nan"))[0] == "nan"
+    for x in (2.0, 2.2, 1.8):
+        assert guard.check(x)[0] is None  # warmup: nothing is a spike yet
+        guard.losses.append(x)
+    kind, stats = guard.check(2.9)  # mean 2, std 0.163: z-threshold 2.49 < factor threshold 4
+    assert kind == "spike" and stats["threshold"] == pytest.approx(2.0 + 3 * math.sqrt(0.08 / 3))
+    assert guard.check(2.4)[0] is None
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_to_skip_a_nan_on_one_rank(tmp_path, tiny_data):
+    proc = run_cli(
+        "llmforge.train",
+        "strategy=ddp",
+        "hardware.devices=2",
+        "debug=fast",
+        "trainer.max_steps=4",
+        "model=tiny",
+        f"data.path={tiny_data}",
+        "data.seq_len=32",
+        "data.batch_size=3",
+        "name=ddp",
+        "callbacks.guard.nan_policy=skip",
+        *poison([2]),
+        "+callbacks.poison.ranks=[1]",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = tmp_path / "runs" / "ddp"
+    (record,) = anomalies(run_dir)
+    assert record["step"] == 2 and record["action"] == "skip"
+    assert math.isfinite(record["rank_losses"][0]) and record["rank_losses"][1] == "nan"
+    assert len(set(record["indices"])) == 6  # both ranks' windows
+    assert finite(state(run_dir / "checkpoints" / "last.ckpt"))
