@@ -75,6 +75,8 @@ class StrategyConfig:
     name: str = "auto"
     find_unused_parameters: bool = False
     reshard_after_forward: bool = True  # fsdp
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (any strategy)
+    compile: bool = False  # torch.compile each block (any strategy; on CPU needs a C++ compiler)
 
 
 @dataclass
@@ -211,6 +213,11 @@ def validate(cfg: Any) -> None:
         raise ValueError(f"trainer.max_steps must be positive, got {cfg.trainer.max_steps}")
     if cfg.precision.value == "16-mixed" and cfg.hardware.accelerator == "cpu":
         raise ValueError("precision.value='16-mixed' needs a GPU; on CPU use bf16-mixed or bf16-true")
+    if cfg.precision.value == "16-mixed" and cfg.strategy.name == "fsdp":
+        raise ValueError(
+            "precision.value='16-mixed' is not supported with strategy.name='fsdp' (Lightning's "
+            "ModelParallelStrategy has no fp16 loss scaling): use bf16-mixed or bf16-true"
+        )
 
 
 def register() -> None:

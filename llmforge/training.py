@@ -81,6 +81,8 @@ def build_module(cfg: DictConfig, data_manifest: dict) -> PretrainModule:
     if not isinstance(module, PretrainModule):
         raise TypeError(f"objective._target_={cfg.objective._target_} is not a PretrainModule")
     module.fsdp_reshard_after_forward = cfg.strategy.reshard_after_forward
+    module.activation_checkpointing = cfg.strategy.activation_checkpointing  # applied in configure_model
+    module.compile_blocks = cfg.strategy.compile
     return module
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import partial
+from functools import partial, wraps
 
 import lightning as L
 import torch
@@ -166,16 +166,71 @@ class PretrainModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_model(self) -> None:
-        """Under `strategy=fsdp` (ModelParallelStrategy): FSDP2 `fully_shard` per block (encoder and
-        decoder blocks alike), then the root."""
+        """Per transformer block (encoder and decoder blocks alike), in torchtitan's order: activation
+        checkpointing (``strategy.activation_checkpointing``), ``torch.compile`` (``strategy.compile``),
+        then under ``strategy=fsdp`` (ModelParallelStrategy) FSDP2 ``fully_shard`` with the mixed-precision
+        policy of the run's precision; then the root. Parameter names stay as they are, so checkpoints are
+        interchangeable between runs with and without these switches."""
+        if getattr(self, "_model_configured", False):
+            return  # Lightning calls the hook again for validate/test: wrap once
+        self._model_configured = True
+        blocks = [m for m in self.model.modules() if isinstance(m, Block | DecoderBlock)]
+        for block in blocks:
+            if getattr(self, "activation_checkpointing", False):
+                checkpoint_activations(block)
+            if getattr(self, "compile_blocks", False):
+                compile_forward(block)
         mesh = getattr(self, "device_mesh", None)
         if mesh is None:
             return
         from torch.distributed.fsdp import fully_shard
 
+        trainer = self._trainer
+        policy = fsdp_mixed_precision(str(trainer.precision) if trainer is not None else "32-true")
         reshard = bool(getattr(self, "fsdp_reshard_after_forward", True))
         dp_mesh = mesh["data_parallel"]
-        for module in self.model.modules():
-            if isinstance(module, Block | DecoderBlock):
-                fully_shard(module, mesh=dp_mesh, reshard_after_forward=reshard)
-        fully_shard(self.model, mesh=dp_mesh, reshard_after_forward=reshard)
+        for block in blocks:
+            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
+        fully_shard(self.model, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
+
+
+def checkpoint_activations(block: nn.Module) -> None:
+    """Activation checkpointing: the block keeps only its inputs in forward and recomputes its activations
+    in backward (non-reentrant ``torch.utils.checkpoint`` around its ``forward``). Wraps from outside: the
+    module tree and parameter names are unchanged, and FSDP's hooks stay outside the recomputed region."""
+    from torch.utils.checkpoint import checkpoint
+
+    forward = block.forward
+
+    @wraps(forward)
+    def checkpointed(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = checkpointed
+
+
+def compile_forward(block: nn.Module) -> None:
+    """``torch.compile`` the block's forward (its checkpointed forward, when both are on). All blocks share
+    one compiled graph; module hooks (FSDP's all-gather and reshard) run eagerly around it. On CPU the
+    inductor backend needs a C++ compiler."""
+    block.forward = torch.compile(block.forward)
+
+
+def fsdp_mixed_precision(precision: str):
+    """FSDP2 `MixedPrecisionPolicy` for a Lightning precision.
+
+    - ``bf16-mixed``: sharded parameters and optimizer state stay fp32; each block's parameters are
+      all-gathered in bf16 and computed in bf16; gradients are reduce-scattered in fp32.
+    - ``16-mixed``: the same with fp16 (GPU; Lightning's ModelParallelStrategy refuses it today).
+    - ``bf16-true``: parameters are bf16 already (Lightning converts the module); gradients are
+      reduce-scattered in fp32 for an exact sum, then stored in bf16.
+    - ``32-true``: no casting.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision in ("bf16-mixed", "16-mixed"):
+        half = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+        return MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)
+    if precision == "bf16-true":
+        return MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()

@@ -1,0 +1,186 @@
+"""Exact and elastic resume, end to end through `python -m llmforge.train` in subprocesses.
+
+- A run killed with SIGKILL at a random step and resumed with ``resume=auto`` ends bitwise equal (CPU,
+  fp32) to an uninterrupted run, with the same loss curve.
+- The data position is a global sample cursor: resuming on 1 process a run started on 2 (and the reverse)
+  continues with the next sample of the same stream, none repeated, none skipped.
+
+The one-process resume within a single pytest process is `tests/test_train.py`
+(`test_resume_continues_with_same_loss_lr_and_data`).
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from llmforge.data.dataset import GlobalCursorSampler, PackedWindows
+from llmforge.data.shards import ShardSet
+from tests.conftest import clean_env, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+class SlowSteps(L.Callback):
+    """Sleeps after each training step, so that a test can kill the run in the middle (numerics untouched)."""
+
+    def __init__(self, seconds: float = 0.25) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        time.sleep(self.seconds)
+
+
+def all_scalars(run_dir: Path, tag: str) -> dict[int, list[float]]:
+    """step -> every value logged for `tag` in every event file (a resumed run logs some steps twice)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[int, list[float]] = {}
+    for path in sorted(run_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            for event in acc.Scalars(tag):
+                out.setdefault(event.step, []).append(event.value)
+    return out
+
+
+def train_args(tiny_data: Path, name: str, *extra: str) -> list[str]:
+    return [
+        "model=tiny",
+        f"data.path={tiny_data}",
+        "data.seq_len=32",
+        "data.batch_size=4",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        "trainer.limit_val_batches=2",
+        "optim.warmup_steps=3",
+        f"name={name}",
+        *extra,
+    ]
+
+
+def test_sigkill_at_random_step_then_resume_is_bitwise_equal(tmp_path, tiny_data):
+    steps = 10
+    common = (
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=3",  # validation, checkpoints and the kill fall on different steps
+        "trainer.ckpt_every_n_steps=1",
+    )
+    full = run_cli("llmforge.train", *train_args(tiny_data, "full", *common), cwd=tmp_path, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    k = random.Random(5).randint(2, steps - 3)  # the step whose checkpoint triggers the kill
+    args = train_args(tiny_data, "killed", *common, "+callbacks.slow._target_=tests.test_resume.SlowSteps")
+    ckpt_dir = tmp_path / "runs" / "killed" / "checkpoints"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmforge.train", *args],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (ckpt_dir / f"step{k:07d}.ckpt").exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        proc.kill()  # SIGKILL: no handler runs, nothing is flushed or finalised
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -9
+    killed_at = torch.load(ckpt_dir / "last.ckpt", weights_only=False)["global_step"]
+    assert k - 1 <= killed_at < steps - 1, (k, killed_at)  # killed in the middle of the run
+
+    resumed = run_cli(
+        "llmforge.train", *train_args(tiny_data, "killed", *common, "resume=auto"), cwd=tmp_path, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    final_a = torch.load(tmp_path / "runs/full/checkpoints/last.ckpt", weights_only=False)
+    final_b = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
+    assert final_a["global_step"] == final_b["global_step"] == steps
+    assert final_a["state_dict"].keys() == final_b["state_dict"].keys()
+    for key, value in final_a["state_dict"].items():
+        assert torch.equal(value, final_b["state_dict"][key]), key
+    state_a, state_b = (c["optimizer_states"][0]["state"] for c in (final_a, final_b))
+    assert state_a.keys() == state_b.keys()
+    for i, a in state_a.items():
+        assert all(torch.equal(a[s], state_b[i][s]) for s in ("exp_avg", "exp_avg_sq", "step")), i
+    assert final_a["ShardDataModule"] == final_b["ShardDataModule"]
+
+    for tag in ("train/loss", "train/lr", "val/loss"):
+        ref, got = all_scalars(tmp_path / "runs/full", tag), all_scalars(tmp_path / "runs/killed", tag)
+        if tag == "val/loss":
+            # Lightning does not redo a validation that was due at the step of the resumed checkpoint
+            # (saved at the end of that training step, before the validation ran): at most that one is missing
+            assert set(got) <= set(ref) and len(ref) - len(got) <= 1, (sorted(ref), sorted(got))
+        else:
+            # every step logged (some twice: before the kill and after)
+            assert sorted(ref) == sorted(got), tag
+        for step, values in got.items():
+            assert set(values) == set(ref[step]), (tag, step, values, ref[step])
+    assert len(all_scalars(tmp_path / "runs/full", "train/loss")) == steps
+
+
+def stream(tiny_data: Path, batch_size: int, n: int) -> list[int]:
+    """The first n samples of the global stream (what one process with data.seed=1234 draws)."""
+    windows = PackedWindows(ShardSet.open(tiny_data, "train"), 32)
+    sampler = GlobalCursorSampler(len(windows), batch_size, seed=1234)
+    return [sampler.order(p) for p in range(n)]
+
+
+def batches(run_dir: Path, rank: int) -> list[list[int]]:
+    lines = (run_dir / "samples" / f"rank{rank}.txt").read_text().splitlines()
+    return [list(map(int, line.split())) for line in lines]
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_elastic_resume_continues_the_sample_stream(tmp_path, tiny_data, before, after):
+    """3 steps on `before` processes, then 3 more on `after` (DDP on gloo when 2), batch 2 per process."""
+
+    def launch(devices: int, max_steps: int, *extra: str) -> None:
+        strategy = ("strategy=ddp", "hardware.devices=2") if devices == 2 else ("strategy=auto",)
+        args = train_args(
+            tiny_data,
+            "elastic",
+            *strategy,
+            "data.batch_size=2",
+            f"trainer.max_steps={max_steps}",
+            "trainer.val_check_interval=100",
+            "+callbacks.samples._target_=llmforge.callbacks.SampleIndexRecorder",
+            *extra,
+        )
+        proc = run_cli("llmforge.train", *args, cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch(before, 3)
+    launch(after, 6, "resume=auto")
+    run_dir = tmp_path / "runs" / "elastic"
+    # what each rank trained on, step by step: the first run's steps, then the resumed run's
+    rank0, rank1 = batches(run_dir, 0), batches(run_dir, 1)
+    assert len(rank0) == 6 and len(rank1) == 3
+    first = [rank0[:3], rank1] if before == 2 else [rank0[:3]]
+    second = [rank0[3:], rank1] if after == 2 else [rank0[3:]]
+    consumed = [
+        sample
+        for phase in (first, second)
+        for step in range(3)
+        for rank_batches in phase
+        for sample in rank_batches[step]
+    ]
+    total = 3 * 2 * before + 3 * 2 * after
+    assert consumed == stream(tiny_data, 2, total)  # in order, none repeated, none skipped
+    assert len(set(consumed)) == total
+    ck = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ck["global_step"] == 6 and ck["ShardDataModule"]["cursor"] == total
