@@ -11,6 +11,7 @@ import logging
 import math
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -422,24 +423,44 @@ class StabilityGuard(L.Callback):
             if ckpt is None or not ckpt.dirpath:
                 return None
             directory = Path(ckpt.dirpath)
-        if not directory.is_dir():
-            return None
         bad = set(self.bad_steps)
-        best: tuple[int, Path] | None = None
-        for path in directory.iterdir():
-            match = _STEP_IN_NAME.fullmatch(path.name.removesuffix(".ckpt"))
-            if match is None:
-                continue
-            step = int(match.group(1))
-            if step <= self.checked_through and step not in bad and (best is None or step > best[0]):
-                best = (step, path)
-        return best[1] if best else None
+        good = [(s, p) for s, p in checkpoint_steps(directory) if s <= self.checked_through and s not in bad]
+        return max(good)[1] if good else None
+
+    def set_aside_suspect(self, directory: str | Path, good: Path | None) -> Path | None:
+        """Move the checkpoints saved after the last good one (weights whose loss was bad or never
+        checked) to ``directory/suspect/``, so that neither a resume nor a later rollback picks them.
+        Returns that folder, or None when there was nothing to move."""
+        steps = checkpoint_steps(directory)
+        limit = -1 if good is None else next(s for s, p in steps if p == good)
+        suspect = [p for s, p in steps if s > limit]
+        if not suspect:
+            return None
+        target = directory / "suspect"
+        target.mkdir(exist_ok=True)
+        for path in suspect:
+            shutil.move(str(path), str(target / path.name))
+        return target
 
     def restore(self, trainer, path: Path) -> None:
         """Load the model and optimizer state of a checkpoint into the running trainer."""
         checkpoint = trainer.strategy.load_checkpoint(path, weights_only=False)
         trainer.strategy.load_model_state_dict(checkpoint, strict=True)
         trainer.strategy.load_optimizer_state_dict(checkpoint)
+
+
+def checkpoint_steps(directory: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoints (files or sharded directories) named with their step, e.g.
+    ``step0000100.ckpt`` (the default `ModelCheckpoint` filename); ``last.ckpt`` and others are ignored."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    out = []
+    for path in directory.iterdir():
+        match = _STEP_IN_NAME.fullmatch(path.name.removesuffix(".ckpt"))
+        if match is not None:
+            out.append((int(match.group(1)), path))
+    return sorted(out)
 
 
 def _json_float(x: float) -> float | str:

@@ -162,7 +162,9 @@ def stopped_by_guard(trainer: L.Trainer, guard: StabilityGuard, ckpt_dir: Path) 
     last = ckpt_dir / "last.ckpt"
     good = guard.last_good_checkpoint(ckpt_dir)
     trainer.strategy.barrier()
+    suspect = None
     if trainer.is_global_zero:
+        suspect = guard.set_aside_suspect(ckpt_dir, good)
         if good is not None:
             copy_checkpoint(good, last)
         elif last.is_dir():
@@ -175,6 +177,8 @@ def stopped_by_guard(trainer: L.Trainer, guard: StabilityGuard, ckpt_dir: Path) 
         if good is not None
         else "no good checkpoint was saved before it (lower trainer.ckpt_every_n_steps)"
     )
+    if suspect is not None:
+        where += f"; the checkpoints saved after it are in {suspect}"
     raise DivergenceError(
         f"training stopped: {guard.stop_reason}; {where}; "
         f"details in {Path(trainer.default_root_dir) / 'anomalies.jsonl'}"
