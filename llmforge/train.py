@@ -15,6 +15,10 @@ register()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from llmforge import multirun, slurm
+
+    if multirun.needs_own_processes(cfg.hardware):  # local sweep, several ranks: see llmforge/multirun.py
+        return multirun.run_job_in_own_processes()
     from llmforge.callbacks import DivergenceError
     from llmforge.training import run  # heavy imports after Hydra has parsed the command line
 
@@ -29,7 +33,11 @@ def main(cfg: DictConfig) -> float | None:
     except DivergenceError as err:  # the stability guard stopped the run (callbacks.guard)
         print(f"stopped: {err}", file=sys.stderr)
         sys.exit(3)
+    if result.requeued:  # exit, not return: submitit must not record this attempt as the job's result
+        print(f"requeued at step {result.global_step}: SLURM restarts the job from {result.last_checkpoint}")
+        sys.exit(slurm.REQUEUED_EXIT_CODE)
     if result.run_dir and _is_rank_zero():
+        multirun.write_result(result.run_dir, result.global_step, result.last_checkpoint, result.metrics)
         print(f"\nrun dir      {result.run_dir}")
         print(f"checkpoint   {result.last_checkpoint}  (step {result.global_step})")
         print(f"tensorboard  tensorboard --logdir {result.run_dir}")
@@ -38,9 +46,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _is_rank_zero() -> bool:
-    import os
+    from lightning.pytorch.utilities import rank_zero_only
 
-    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+    return rank_zero_only.rank == 0  # set by the strategy (local ranks, torchrun, SLURM tasks)
 
 
 if __name__ == "__main__":

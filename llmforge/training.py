@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
+from llmforge import slurm
 from llmforge.callbacks import DivergenceError, RunManifest, StabilityGuard
 from llmforge.config import validate
 from llmforge.data.datamodule import ShardDataModule
@@ -29,6 +30,7 @@ class RunResult:
     last_checkpoint: Path
     global_step: int
     metrics: dict[str, float]
+    requeued: bool = False  # SLURM's warning signal: checkpoint saved, job requeued; the process should exit
 
 
 def keep_freed_memory() -> None:
@@ -127,6 +129,14 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+    if slurm.restart_count() > 0:
+        # SLURM started this job again (requeue before the time limit, preemption): go on from where
+        # it stopped, whatever `resume` says; nothing saved yet: the first attempt's start
+        last = ckpt_dir / "last.ckpt"
+        if last.exists():
+            return str(last)
+        if cfg.resume in (None, "", "never", "auto"):
+            return None
     if cfg.resume in (None, "", "never"):
         if any(ckpt_dir.glob("*.ckpt")):
             raise FileExistsError(
@@ -227,6 +237,7 @@ def run(cfg: DictConfig) -> RunResult:
         overfit_samples=cfg.data.overfit_samples,
     )
     logger = instantiate(cfg.logger) if cfg.logger and "_target_" in cfg.logger else False
+    requeue = [slurm.Requeue(lambda trainer: save_last(trainer, ckpt_dir))] if slurm.under_slurm() else []
     t = cfg.trainer
     trainer = L.Trainer(
         accelerator=cfg.hardware.accelerator,
@@ -247,7 +258,8 @@ def run(cfg: DictConfig) -> RunResult:
         deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar,
         logger=logger,
-        callbacks=build_callbacks(cfg),
+        callbacks=build_callbacks(cfg) + requeue,
+        plugins=slurm.plugins(),
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,
     )
@@ -259,15 +271,10 @@ def run(cfg: DictConfig) -> RunResult:
     if guard is not None and guard.stop_reason:
         stopped_by_guard(trainer, guard, ckpt_dir)
 
-    last = ckpt_dir / "last.ckpt"
-    final = ckpt_dir / f"step{trainer.global_step:07d}.ckpt"
-    if not final.exists():
-        trainer.save_checkpoint(final)
-    trainer.strategy.barrier()
-    if trainer.is_global_zero:
-        copy_checkpoint(final, last)
-    trainer.strategy.barrier()
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
     }
+    if requeue and requeue[0].requeued:  # saved at the signal; SLURM starts the job again
+        return RunResult(run_dir, ckpt_dir / "last.ckpt", trainer.global_step, metrics, requeued=True)
+    last = save_last(trainer, ckpt_dir)
     return RunResult(run_dir, last, trainer.global_step, metrics)

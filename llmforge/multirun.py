@@ -1,0 +1,153 @@
+"""Hydra multirun with multi-process strategies on this machine: each job starts its own ranks.
+
+Lightning starts the other ranks of a run on this machine (ddp, fsdp with several devices) by running the
+command line again (`_SubprocessScriptLauncher`). Under ``-m`` that command line is the whole sweep, so
+every child rank re-runs the sweep (ARCHITECTURE.md: the sweep runs twice, into two sweep folders), and
+the sweep process keeps ``LOCAL_RANK``, ``WORLD_SIZE`` and ``MASTER_PORT`` in its environment after the
+first job, so the next job believes its ranks were started for it and inherits the first job's port.
+
+So under a local multirun, a job that needs several processes runs in a fresh ``python -m llmforge.train``
+of its own: single-run mode, the job's own overrides, ``hydra.run.dir`` = the job's directory, and an
+environment without rank variables. There Lightning starts the job's ranks exactly as for any single run,
+and they all end with the job. Jobs whose ranks are started by someone else (SLURM tasks through
+submitit, torchrun) and single-process jobs run in the sweep process as before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULT_FILE = "result.json"  # written by rank 0 at the end of every run (train.py): the sweep's return value
+
+# set by distributed launchers; a job started in a clean environment must not see them
+RANK_ENV_PREFIXES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_",
+    "PL_GLOBAL_SEED",
+    "PL_SEED_WORKERS",
+)
+CONFIG_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
+# hydra overrides that belong to the sweep, not to one of its jobs
+SWEEP_OVERRIDES = (
+    "hydra.mode",
+    "hydra.sweep",
+    "hydra.sweeper",
+    "hydra/sweeper",
+    "hydra.launcher",
+    "hydra/launcher",
+    "hydra.run.dir",
+    "hydra.output_subdir",
+)
+
+
+def local_processes(accelerator: str, devices: Any) -> int:
+    """How many processes Lightning starts on this machine for `hardware.devices`."""
+    if isinstance(devices, int) or (isinstance(devices, str) and devices.strip().lstrip("-").isdigit()):
+        n = int(devices)
+        if n != -1:
+            return n
+        devices = "auto"
+    if devices == "auto":
+        if accelerator in ("gpu", "cuda", "auto"):
+            import torch
+
+            return max(1, torch.cuda.device_count())
+        return 1
+    if isinstance(devices, str):  # "0,1,3": device indices
+        return len([d for d in devices.split(",") if d.strip()])
+    return len(devices)  # a list of device indices
+
+
+def processes_started_externally() -> bool:
+    """SLURM tasks (submitit, srun) or torchrun already are the ranks: Lightning starts none."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    return "LOCAL_RANK" in os.environ or SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
+
+
+def needs_own_processes(hardware: Any) -> bool:
+    """True for a job of a local Hydra multirun that needs several processes on this machine."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    if local_processes(str(hardware.accelerator), hardware.devices) <= 1:
+        return False
+    return not processes_started_externally()
+
+
+def config_flags(argv: list[str]) -> list[str]:
+    """--config-name/--config-path/--config-dir (and short forms) from the sweep's command line."""
+    flags, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in CONFIG_FLAGS and i + 1 < len(argv):
+            flags += argv[i : i + 2]
+            i += 2
+            continue
+        if arg.split("=", 1)[0] in CONFIG_FLAGS:
+            flags.append(arg)
+        i += 1
+    return flags
+
+
+def job_command(module: str = "llmforge.train") -> tuple[list[str], str, Path]:
+    """The command that runs this sweep job alone, its working directory and the job's output dir."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    job_dir = Path(hc.runtime.output_dir)
+    hydra_overrides = [o for o in hc.overrides.hydra if not o.split("=", 1)[0].startswith(SWEEP_OVERRIDES)]
+    quoted_dir = str(job_dir).replace("\\", "\\\\").replace('"', '\\"')
+    command = [
+        sys.executable,
+        "-m",
+        module,
+        *config_flags(sys.argv[1:]),
+        *hc.overrides.task,
+        *hydra_overrides,
+        f'hydra.run.dir="{quoted_dir}"',
+        "hydra.output_subdir=null",  # the sweep already saved this job's .hydra/ record
+    ]
+    return command, hc.runtime.cwd, job_dir
+
+
+def clean_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(RANK_ENV_PREFIXES)}
+
+
+def run_job_in_own_processes() -> float | None:
+    """Runs the current sweep job in a fresh process (which starts the job's ranks); returns its result."""
+    from hydra.core.hydra_config import HydraConfig
+
+    command, cwd, job_dir = job_command()
+    result_file = job_dir / RESULT_FILE
+    result_file.unlink(missing_ok=True)
+    print(f"job {HydraConfig.get().job.num}: starting its ranks in {job_dir}", flush=True)
+    returncode = subprocess.run(command, cwd=cwd, env=clean_environment(), check=False).returncode
+    if returncode != 0:
+        num = HydraConfig.get().job.num
+        raise RuntimeError(f"job {num} failed (exit code {returncode}): {' '.join(command)}")
+    if not result_file.exists():
+        return None
+    return json.loads(result_file.read_text())["metrics"].get("val/loss")
+
+
+def write_result(run_dir: Path, global_step: int, last_checkpoint: Path, metrics: dict[str, float]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result = {"global_step": global_step, "last_checkpoint": str(last_checkpoint), "metrics": metrics}
+    (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
