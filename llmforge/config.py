@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from llmforge.models.transformer import TransformerConfig
 
@@ -220,7 +220,14 @@ def validate(cfg: Any) -> None:
         )
 
 
+def gpus_per_node(accelerator: str, devices: Any) -> Any:
+    """conf/hydra/launcher/slurm.yaml's GPUs per node: `hardware.devices` on GPUs, none on CPUs."""
+    return devices if accelerator in ("gpu", "cuda") else None
+
+
 def register() -> None:
+    if not OmegaConf.has_resolver("llmforge.gpus_per_node"):
+        OmegaConf.register_new_resolver("llmforge.gpus_per_node", gpus_per_node)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="objective", name="mlm_schema", node=MaskedLMConfig)
