@@ -44,8 +44,9 @@ What is computed, and from where:
     (checked against the tensors PyTorch saves in ``tests/test_estimate.py``). Fused attention
     (SDPA flash / memory-efficient) stores no s x s matrix. With activation checkpointing (per block)
     each block keeps only its input (h at the residual stream's dtype: fp32 under mixed precision), and
-    one block's activations are recomputed at a time. The loss adds the logits, their fp32 copy and the
-    fp32 log-probabilities: s * b * V * (act + 4 + 4) bytes at its peak (no copy in fp32).
+    one block's activations are recomputed at a time. The loss peaks in its backward: the fp32
+    log-probabilities, their gradient and the fp32 logits' gradient, plus its 16-bit cast when the head
+    runs in 16-bit: s * b * V * (12 + 2) bytes (12 in fp32).
   * not counted: the CUDA context and allocator slack (~1-3 GB), communication buffers, temporary
     buffers inside kernels. Treat ``fits`` as "fits with a little room to spare", not a guarantee.
 - **Money**: GPU-hours x the price table (US dollars per GPU-hour; defaults: the seed chapter's cloud
@@ -194,11 +195,13 @@ def activation_bytes_per_token(cfg: TransformerConfig, precision: str) -> float:
 
 
 def logits_bytes_per_token(cfg: TransformerConfig, precision: str) -> float:
-    """Peak bytes of the head and the loss per token: logits, their fp32 copy, fp32 log-probabilities
-    (the final norm's saved input and output and the head's input included)."""
+    """Peak bytes of the head and the loss per token, reached in the loss's backward: the fp32
+    log-probabilities the loss saved, their gradient and the gradient of the fp32 logits (12 bytes per
+    vocabulary entry), plus the gradient's 16-bit cast when the head runs in 16-bit (the final norm's
+    saved tensors and the head's input included)."""
     b = _precision(precision)
-    copy = 4 if b.act != 4 else 0
-    return cfg.vocab_size * (b.act + copy + 4) + 4 * 2 * cfg.d_model + b.act * cfg.d_model
+    cast = b.act if b.act != 4 else 0
+    return cfg.vocab_size * (12 + cast) + 4 * 2 * cfg.d_model + b.act * cfg.d_model
 
 
 def memory_per_gpu(
