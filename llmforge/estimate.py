@@ -47,6 +47,10 @@ What is computed, and from where:
     one block's activations are recomputed at a time. The loss peaks in its backward: the fp32
     log-probabilities, their gradient and the fp32 logits' gradient, plus its 16-bit cast when the head
     runs in 16-bit: s * b * V * (12 + 2) bytes (12 in fp32).
+  * the peak is the larger of two moments: the end of the forward / the loss's backward (everything
+    above, added up: gradients fill in while activations are freed, so this errs high) and the
+    optimizer step (model states, DDP's buckets, and the temporary the default foreach AdamW allocates
+    on GPU, sqrt(v): half the AdamW states; Lightning's AMP plugins refuse the fused AdamW).
   * not counted: the CUDA context and allocator slack (~1-3 GB), communication buffers, temporary
     buffers inside kernels. Treat ``fits`` as "fits with a little room to spare", not a guarantee.
 - **Money**: GPU-hours x the price table (US dollars per GPU-hour; defaults: the seed chapter's cloud
@@ -127,6 +131,8 @@ class Memory:
     comm: float  # ddp: gradient buckets; fsdp: unsharded units in flight
     activations: float
     logits: float
+    step_temp: float  # the optimizer step's temporaries (foreach AdamW)
+    peak: str  # "backward" | "optimizer step": when the total is reached
     total: float
     total_gb: float
     fits: bool  # total <= the chosen GPU's memory
@@ -238,7 +244,10 @@ def memory_per_gpu(
     else:
         activations = cfg.n_layers * per_layer
     logits = logits_bytes_per_token(cfg, precision) * tokens
-    total = weights + working + grads + optim + comm + activations + logits
+    step_temp = optim / 2  # foreach AdamW's sqrt(exp_avg_sq) list
+    backward = weights + working + grads + optim + comm + activations + logits
+    step = weights + grads + optim + (comm if strategy == "ddp" else 0.0) + step_temp
+    total = max(backward, step)
     return Memory(
         strategy=strategy,
         activation_checkpointing=activation_checkpointing,
@@ -249,6 +258,8 @@ def memory_per_gpu(
         comm=comm,
         activations=activations,
         logits=logits,
+        step_temp=step_temp,
+        peak="backward" if backward >= step else "optimizer step",
         total=total,
         total_gb=total / GB,
         fits=total <= gpu_memory_gb * GB,
@@ -512,17 +523,19 @@ def format_table(e: Estimate) -> str:
         f"memory per GPU, GB ({e.precision}, {e.num_gpus} x {e.gpu}, micro-batch {e.batch_size} x "
         f"{e.seq_len} tokens, AdamW)",
         f"  {'strategy':<13}{'weights':>9}{'16-bit':>8}{'grads':>8}{'AdamW':>8}{'comm':>8}{'activ.':>9}"
-        f"{'logits':>8}{'total':>9}  fits",
+        f"{'logits':>8}{'total':>9}  fits  peak at",
     ]
     for m in e.memory:
         name = m.strategy + (" + ckpt" if m.activation_checkpointing else "")
         cells = (m.weights, m.working_copy, m.grads, m.optimizer, m.comm, m.activations, m.logits)
         widths = (9, 8, 8, 8, 8, 9, 8)
         row = "".join(f"{v / GB:>{w}.1f}" for v, w in zip(cells, widths, strict=True))
-        lines.append(f"  {name:<13}{row}{m.total_gb:>9.1f}  {'yes' if m.fits else 'no'}")
+        fits = "yes" if m.fits else "no"
+        lines.append(f"  {name:<13}{row}{m.total_gb:>9.1f}  {fits:<4}  {m.peak}")
     lines.append(
         "  (comm: DDP gradient buckets / FSDP unsharded units in flight; ckpt: activation checkpointing "
-        "per block; CUDA context and allocator slack not included)"
+        "per block; a peak at the optimizer step adds foreach AdamW's temporary, half the AdamW column; "
+        "CUDA context and allocator slack not included)"
     )
     r = e.recommendation
     lines += ["", f"recommendation: {r.decision}"]

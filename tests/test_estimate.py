@@ -154,6 +154,19 @@ def test_memory_orderings(precision):
     )
 
 
+def test_short_sequences_peak_at_the_optimizer_step():
+    """Little activation memory: the peak is the AdamW step (foreach's sqrt(v) temporary on top)."""
+    cfg = TransformerConfig(name="1b", vocab_size=32000, d_model=2048, n_layers=16, n_heads=16)
+    n = num_params(cfg)
+    kw = dict(precision="bf16-mixed", seq_len=128, batch_size=1, activation_checkpointing=False)
+    ddp = memory_per_gpu(cfg, strategy="ddp", num_gpus=2, **kw)
+    assert ddp.peak == "optimizer step" and ddp.total == (4 + 4 + 8 + 4 + 4) * n
+    fsdp = memory_per_gpu(cfg, strategy="fsdp", num_gpus=2, **kw)
+    assert fsdp.peak == "optimizer step" and fsdp.total == (4 + 4 + 8 + 4) * n / 2
+    long = memory_per_gpu(cfg, strategy="ddp", num_gpus=2, **{**kw, "seq_len": 2048, "batch_size": 8})
+    assert long.peak == "backward" and long.total > ddp.total
+
+
 def saved_bytes(fn, exclude: set[int]) -> int:
     """Bytes of the distinct storages autograd saves while running fn (parameters, buffers excluded)."""
     seen: dict[int, int] = {}

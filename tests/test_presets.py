@@ -85,10 +85,9 @@ def test_memory_per_gpu_ddp_vs_fsdp(precision, capsys):
     with capsys.disabled():
         print(f"\nmemory per GPU, {precision}, 8 GPUs, micro-batch 1 x max_seq_len, AdamW:")
         print("\n".join(rows))
-    # the 7b preset in mixed precision (22 bytes a parameter under DDP): DDP does not fit an 80 GB GPU,
-    # FSDP over 8 does; in bf16-true (10) even DDP fits with activation checkpointing
+    # the 7b preset: DDP does not fit an 80 GB GPU (bf16-mixed: 22 bytes a parameter; bf16-true: 10, and
+    # 12 at the optimizer step), FSDP over 8 does
     cfg = preset("7b")
     kw = dict(num_gpus=8, precision=precision, seq_len=4096, batch_size=1, gpu_memory_gb=80)
-    ddp = memory_per_gpu(cfg, strategy="ddp", activation_checkpointing=True, **kw)
-    assert ddp.fits == (precision == "bf16-true")
+    assert not memory_per_gpu(cfg, strategy="ddp", activation_checkpointing=True, **kw).fits
     assert memory_per_gpu(cfg, strategy="fsdp", activation_checkpointing=True, **kw).fits
