@@ -219,3 +219,34 @@ def test_init_from_mismatch_names_both_shapes(train_cfg, tmp_path):
     assert "model.d_model=32" in message
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         run(train_cfg(f"init_from={tmp_path / 'missing.ckpt'}", *FROZEN, run_dir=tmp_path / "r2"))
+
+
+@pytest.mark.slow
+def test_init_from_hf_under_fsdp_then_consolidate_and_export(tmp_path, tiny_data):
+    """Two FSDP ranks start from a Hugging Face Llama; the consolidated checkpoint exports back to it."""
+    from llmforge.consolidate import consolidate
+    from tests.conftest import run_cli
+
+    hf = hf_tiny(tmp_path / "llama")
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "llmforge.train",
+        "strategy=fsdp",
+        "hardware.devices=2",
+        "model=tiny",
+        "model.n_kv_heads=2",
+        f"data.path={tiny_data}",
+        "data.seq_len=32",
+        "data.batch_size=4",
+        f"run_dir={run_dir}",
+        f"init_from={tmp_path / 'llama'}",
+        *FROZEN,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = consolidate(run_dir / "checkpoints" / "last.ckpt", tmp_path / "full.ckpt")
+    assert export_main([str(ckpt), str(tmp_path / "hf"), "--no-tokenizer"]) == 0
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        logits_close(back(tokens).logits, hf(tokens).logits)
