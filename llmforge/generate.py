@@ -39,6 +39,8 @@ from torch import nn
 from llmforge.models.transformer import Encoder, EncoderDecoder, KVCache, Transformer, TransformerConfig
 
 OBJECTIVES = ("clm", "mlm", "denoise")
+# what torch.compile, activation checkpointing and FSDP1 put into parameter names
+WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
@@ -69,14 +71,16 @@ def checkpoint_file(path: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path}: no such file or directory")
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+        candidates = (path / "checkpoints" / "last.ckpt", path / "last.ckpt")
+        for candidate in candidates:
             if candidate.is_file():
                 return candidate
-        if (path / "meta.pt").exists() or any(path.glob("*.distcp")) or (path / "last.ckpt").is_dir():
-            raise ValueError(
-                f"{path} is a sharded (distributed) checkpoint: write one file first with "
-                f"`python -m llmforge.consolidate {path}`"
-            )
+        for candidate in (path, *candidates):
+            if (candidate / ".metadata").is_file() or (candidate / "meta.pt").is_file():
+                raise ValueError(
+                    f"{candidate} is a sharded (distributed) checkpoint: write one file first with "
+                    f"`python -m llmforge.consolidate {candidate}` and pass that file"
+                )
         raise FileNotFoundError(
             f"{path} holds no checkpoint (checkpoints/last.ckpt) nor a Hugging Face config.json"
         )
@@ -93,13 +97,16 @@ def objective_of(hparams: dict, state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def model_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The network's weights from a LightningModule state dict: ``model.`` prefix (and torch.compile's
-    ``_orig_mod.``) removed, everything else (metrics, ...) left out."""
+    """The network's weights from a LightningModule state dict: ``model.`` prefix (and the wrappers'
+    ``_orig_mod.``, ``_checkpoint_wrapped_module.``, ``_fsdp_wrapped_module.``) removed, everything else
+    (metrics, ...) left out."""
     out = {}
     for key, value in state_dict.items():
         if not key.startswith("model."):
             continue
-        key = key[len("model.") :].replace("_orig_mod.", "")
+        key = key[len("model.") :]
+        for wrapper in WRAPPER_PREFIXES:
+            key = key.replace(wrapper, "")
         out[key] = value
     if not out:
         raise ValueError("the checkpoint's state_dict has no 'model.*' weights: not an llmforge checkpoint")

@@ -11,9 +11,9 @@ Every ``every_n_steps`` optimizer steps, the model answers a few fixed prompts, 
 The text goes to TensorBoard (``add_text``, tag ``samples/<objective>``: the Text tab) and to the log.
 The callback runs on rank 0 only, under ``torch.no_grad``, puts the model back in the mode it was in, and
 draws only from its own seeded ``torch.Generator``: the training RNG and data stream are untouched, so a
-run with it is bitwise the run without it. Under ``strategy=fsdp`` the weights are sharded and a single rank
-cannot run the model: there it is skipped with a warning (sample a consolidated checkpoint with
-``python -m llmforge.generate``).
+run with it is bitwise the run without it. Under ``strategy=fsdp`` (FSDP2) the weights are sharded: every
+rank gathers them (``unshard``), runs the same deterministic generation (so the collectives match), and
+rank 0 writes; then they are sharded again.
 
 Configured in ``conf/callbacks/default.yaml`` (key ``sample_text``); e.g.
 ``callbacks.sample_text.every_n_steps=100 'callbacks.sample_text.prompts=[The,Return the]'``, or
@@ -77,7 +77,6 @@ class SampleText(L.Callback):
         self.seed, self.mask_top_k = seed, mask_top_k
         self._tokenizer: Any = None
         self._last_step = -1
-        self._warned = False
 
     # -- what it writes -------------------------------------------------------------------------------
     def tokenizer(self, pl_module: L.LightningModule) -> Any:
@@ -154,20 +153,33 @@ class SampleText(L.Callback):
         if step == self._last_step or step == 0 or step % self.every_n_steps:
             return  # not a sampling step, or still accumulating gradients
         self._last_step = step
-        if type(trainer.strategy).__name__ in ("ModelParallelStrategy", "FSDPStrategy"):
-            if trainer.is_global_zero and not self._warned:
-                log.warning("SampleText: skipped under a sharded strategy (one rank cannot run the model)")
-            self._warned = True
+        sharded = _fsdp2_root(pl_module.model)
+        if sharded is None and not trainer.is_global_zero:
             return
+        if sharded is not None:  # every rank gathers the weights and runs the same generation
+            sharded.unshard()
+        try:
+            objective, results = self.samples(pl_module)
+        finally:
+            if sharded is not None:
+                sharded.reshard()
         if not trainer.is_global_zero:
             return
-        objective, results = self.samples(pl_module)
         text = self.markdown(objective, results)
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):
                 experiment.add_text(f"samples/{objective}", text, global_step=step)
         log.info("samples at step %d:\n%s", step, text)
+
+
+def _fsdp2_root(model: torch.nn.Module) -> Any:
+    """The model when FSDP2 (`fully_shard`) manages it, else None."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        return None
+    return model if isinstance(model, FSDPModule) else None
 
 
 def _md(text: str) -> str:
