@@ -203,7 +203,8 @@ def test_absurd_learning_rate_ends_with_a_message_and_a_usable_checkpoint(tmp_pa
 
     module = CausalLM(**last["hyper_parameters"])
     module.load_state_dict(last["state_dict"])
-    assert math.isfinite(float(module.loss(_batch(module))[0]))
+    with torch.no_grad():
+        assert math.isfinite(float(module.loss(_batch(module))[0]))
 
 
 def _batch(module) -> dict:
@@ -258,17 +259,18 @@ def test_ddp_ranks_agree_to_skip_a_nan_on_one_rank(tmp_path, tiny_data):
 
 
 @pytest.mark.slow
-def test_fsdp_rollback_reloads_the_sharded_checkpoint(tmp_path, tiny_data):
+def test_fsdp_global_grad_norm_and_rollback_to_a_sharded_checkpoint(tmp_path, tiny_data, train_cfg):
+    """One 2-rank FSDP run: its step-0 grad norm is the whole model's (the same as one process on the same
+    8 samples logs), and a rollback reloads a sharded checkpoint (model and optimizer)."""
+    common = ("debug=fast", "model=tiny", f"data.path={tiny_data}", "data.seq_len=32")
     proc = run_cli(
         "llmforge.train",
+        *common,
         "strategy=fsdp",
         "hardware.devices=2",
-        "debug=fast",
+        "data.batch_size=4",
         "trainer.val_check_interval=100",
         "trainer.max_steps=5",
-        "model=tiny",
-        f"data.path={tiny_data}",
-        "data.seq_len=32",
         "name=fsdp",
         "callbacks.guard.nan_policy=rollback",
         "+callbacks.corrupt._target_=tests.test_stability.CorruptWeights",
@@ -285,3 +287,6 @@ def test_fsdp_rollback_reloads_the_sharded_checkpoint(tmp_path, tiny_data):
     # step 4 ran on the weights of step 2 again: the same loss as step 2 had on its (other) batch is not
     # expected, but a finite one close to it is
     assert abs(losses[4] - losses[2]) < 0.5
+    single = run(train_cfg(*common, "data.batch_size=8", "trainer.max_steps=1", run_dir=tmp_path / "single"))
+    reference = dict(read_scalars(single.run_dir)["train/grad_norm"])[0]
+    assert dict(read_scalars(run_dir)["train/grad_norm"])[0] == pytest.approx(reference, rel=1e-4)
