@@ -1,7 +1,7 @@
 """Size, compute, time, memory and money of a pre-training run, before you start it.
 
-``python -m llmforge.estimate model=7b tokens=1e12 gpu=h100 num_gpus=64`` (keys: ``conf/estimate.yaml``;
-``--json`` or ``json=true`` prints one JSON object), or as a library::
+``python -m llmforge.estimate model=7b tokens=1e12 gpu=h100 num_gpus=64 [objective=mlm|denoise]`` (keys:
+``conf/estimate.yaml``; ``--json`` or ``json=true`` prints one JSON object), or as a library::
 
     from llmforge.estimate import estimate
     e = estimate("1b", tokens=20e9, num_gpus=8, gpu="a100")
@@ -47,6 +47,12 @@ What is computed, and from where:
     one block's activations are recomputed at a time. The loss peaks in its backward: the fp32
     log-probabilities, their gradient and the fp32 logits' gradient, plus its 16-bit cast when the head
     runs in 16-bit: s * b * V * (12 + 2) bytes (12 in fp32).
+  * ``objective=mlm`` (encoder): the same blocks; the head and the loss on ``mask_prob`` of the
+    positions. ``objective=denoise`` (encoder-decoder, T5 span corruption's input and target lengths
+    of a ``seq_len`` window): encoder blocks on the inputs; decoder blocks on the targets, each adding
+    cross-attention's ``act * 3h + 4 * (2h + 1 + a)`` per target token and ``act * 2h`` per input token
+    (K and V of the encoder output; plus its 16-bit copy under autocast); the encoder output once; the
+    head on the targets. Also checked against the saved tensors.
   * the peak is the larger of two moments: the end of the forward / the loss's backward (everything
     above, added up: gradients fill in while activations are freed, so this errs high) and the
     optimizer step (model states, DDP's buckets, and the temporary the default foreach AdamW allocates
@@ -72,7 +78,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmforge.config import PrecisionConfig
+from llmforge.config import DenoiseConfig, MaskedLMConfig, ObjectiveConfig, PrecisionConfig
 from llmforge.models.transformer import TransformerConfig, flops_per_token, num_params
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -89,6 +95,7 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
     "h100": {},
     "h200": {},
 }
+OBJECTIVES = {"clm": "decoder", "mlm": "encoder", "denoise": "encdec"}
 DOMAINS = ("general", "specific", "rare_language", "proprietary", "custom_architecture")
 STRATEGIES = ("ddp", "fsdp")
 
@@ -148,6 +155,7 @@ class Recommendation:
 @dataclass
 class Estimate:
     model: str
+    objective: str  # clm | mlm | denoise: decoder, encoder or encoder-decoder
     config: dict[str, Any]
     params: int
     non_embedding_params: int
@@ -200,6 +208,17 @@ def activation_bytes_per_token(cfg: TransformerConfig, precision: str) -> float:
     return b.act * (2 * h + (h + k) + v + h + 4 * f) + 4 * (4 * h + 2 + a)
 
 
+def cross_attention_bytes(cfg: TransformerConfig, precision: str) -> tuple[float, float]:
+    """(bytes per decoder token, bytes per encoder token) one decoder block's cross-attention saves:
+    its norm (input and normalised input in fp32, 1/rms), the query input, queries and output; the
+    encoder-side K and V (expanded to every head), and under autocast the 16-bit copy of the encoder
+    output each block's K/V projection casts."""
+    b = _precision(precision)
+    h, a = cfg.d_model, cfg.n_heads
+    cast = b.act if b.working else 0
+    return b.act * 3 * h + 4 * (2 * h + 1 + a), b.act * 2 * h + cast * h
+
+
 def logits_bytes_per_token(cfg: TransformerConfig, precision: str) -> float:
     """Peak bytes of the head and the loss per token, reached in the loss's backward: the fp32
     log-probabilities the loss saved, their gradient and the gradient of the fp32 logits (12 bytes per
@@ -220,14 +239,19 @@ def memory_per_gpu(
     batch_size: int,
     activation_checkpointing: bool,
     gpu_memory_gb: float = math.inf,
+    objective: str | Mapping[str, Any] | Objective = "clm",
 ) -> Memory:
-    """Bytes per GPU for training `cfg` with AdamW (formulas in the module docstring)."""
+    """Bytes per GPU for training `cfg` with AdamW (formulas in the module docstring). ``objective``:
+    ``clm`` (decoder), ``mlm`` (encoder; the head on the masked share of the positions) or ``denoise``
+    (encoder-decoder on T5 span corruption's input and target lengths of a ``seq_len`` window)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
     if num_gpus < 1:
         raise ValueError(f"num_gpus={num_gpus} must be >= 1")
     b = _precision(precision)
-    n = num_params(cfg)
+    obj = as_objective(objective)
+    arch = obj.arch
+    n = num_params(cfg, arch=arch)
     shard = num_gpus if strategy == "fsdp" else 1
     weights, grads, optim = n * b.weights / shard, n * b.grads / shard, n * b.optim / shard
     if strategy == "ddp":
@@ -235,15 +259,29 @@ def memory_per_gpu(
         comm = n * b.grads if num_gpus > 1 else 0.0  # DDP's bucketed copy of the gradients
     else:
         working = 0.0
-        block, root = _block_params(cfg), _root_params(cfg)
+        block = _block_params(cfg) + (_cross_params(cfg) if arch == "encdec" else 0)  # the largest block
+        root = n - cfg.n_layers * _block_params(cfg)
+        root -= cfg.decoder_layers * (_block_params(cfg) + _cross_params(cfg)) if arch == "encdec" else 0
         comm = (root + 2 * block) * b.gather + max(root, block) * b.grads if num_gpus > 1 else 0.0
-    tokens = seq_len * batch_size
-    per_layer = activation_bytes_per_token(cfg, precision) * tokens
-    if activation_checkpointing:
-        activations = cfg.n_layers * cfg.d_model * b.residual * tokens + per_layer
+    inputs, targets = (x * batch_size for x in obj.lengths(seq_len))
+    per_token = activation_bytes_per_token(cfg, precision)
+    per_layer = per_token * inputs  # an encoder / decoder-only block
+    kept = cfg.d_model * b.residual  # what a checkpointed block keeps per token: its input
+    if arch == "encdec":
+        cross_target, cross_memory = cross_attention_bytes(cfg, precision)
+        dec_layer = (per_token + cross_target) * targets + cross_memory * inputs
+        memory_out = inputs * kept  # the encoder's output, read by every decoder block
+        if activation_checkpointing:
+            activations = (cfg.n_layers * inputs + cfg.decoder_layers * targets) * kept + memory_out
+            activations += max(per_layer, dec_layer)
+        else:
+            activations = cfg.n_layers * per_layer + cfg.decoder_layers * dec_layer + memory_out
+    elif activation_checkpointing:
+        activations = cfg.n_layers * kept * inputs + per_layer
     else:
         activations = cfg.n_layers * per_layer
-    logits = logits_bytes_per_token(cfg, precision) * tokens
+    predicted = obj.predicted(seq_len) * batch_size
+    logits = logits_bytes_per_token(cfg, precision) * predicted
     step_temp = optim / 2  # foreach AdamW's sqrt(exp_avg_sq) list
     backward = weights + working + grads + optim + comm + activations + logits
     step = weights + grads + optim + (comm if strategy == "ddp" else 0.0) + step_temp
@@ -271,9 +309,54 @@ def _block_params(cfg: TransformerConfig) -> int:
     return d * (d + 2 * kv) + d * d + 3 * d * cfg.hidden + 2 * d
 
 
-def _root_params(cfg: TransformerConfig) -> int:
-    """Parameters outside the blocks: embedding, head (unless tied), final norm."""
-    return num_params(cfg) - cfg.n_layers * _block_params(cfg)
+def _cross_params(cfg: TransformerConfig) -> int:
+    d, kv = cfg.d_model, cfg.kv_heads * cfg.head_dim
+    return d * d + d * 2 * kv + d * d + d
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The training objective's shape-relevant knobs (defaults: the objective group's)."""
+
+    name: str = "clm"
+    mask_prob: float = MaskedLMConfig.mask_prob  # mlm: share of the positions the head runs on
+    variant: str = DenoiseConfig.variant  # denoise: span (T5) | infill (BART)
+    noise_density: float = DenoiseConfig.noise_density
+    mean_span_length: float = DenoiseConfig.mean_span_length
+
+    @property
+    def arch(self) -> str:
+        return OBJECTIVES[self.name]
+
+    def lengths(self, seq_len: int) -> tuple[int, int]:
+        """(encoder or decoder-only input, decoder input) lengths for a window of seq_len corpus tokens."""
+        if self.name != "denoise":
+            return seq_len, 0
+        if self.variant != "span":
+            return seq_len, seq_len
+        from llmforge.objectives.denoise import span_lengths  # imports Lightning: only for this objective
+
+        return span_lengths(seq_len, self.noise_density, self.mean_span_length)
+
+    def predicted(self, seq_len: int) -> float:
+        """Positions per window the head and the loss run on."""
+        return {"clm": seq_len, "mlm": seq_len * self.mask_prob, "denoise": self.lengths(seq_len)[1]}[
+            self.name
+        ]
+
+
+def as_objective(objective: str | Mapping[str, Any] | Objective) -> Objective:
+    """A name (clm, mlm, denoise), a mapping such as a composed objective group, or an Objective."""
+    if isinstance(objective, Objective):
+        result = objective
+    elif isinstance(objective, str):
+        result = Objective(name=objective)
+    else:
+        known = set(Objective.__dataclass_fields__)
+        result = Objective(**{k: v for k, v in objective.items() if k in known})
+    if result.name not in OBJECTIVES:
+        raise ValueError(f"objective={result.name!r} is not one of {', '.join(OBJECTIVES)}")
+    return result
 
 
 def recommend(
@@ -379,6 +462,7 @@ def estimate(
     gpu: str = "h100",
     mfu: float = 0.4,
     precision: str = "bf16-mixed",
+    objective: str | Mapping[str, Any] | Objective = "clm",
     corpus_tokens: float | None = None,
     budget: float | None = None,
     domain: str = "general",
@@ -412,12 +496,19 @@ def estimate(
         if value < 1:
             raise ValueError(f"{key}={value} must be >= 1")
 
-    n = num_params(cfg)
+    obj = as_objective(objective)
+    arch = obj.arch
+    n = num_params(cfg, arch=arch)
     optimal = compute_optimal_tokens(n)
     tokens = float(tokens) if tokens is not None else optimal
     if tokens <= 0:
         raise ValueError(f"tokens={tokens} must be positive")
-    fpt = flops_per_token(cfg, seq_len)
+    if arch == "encdec":  # per corpus token: the encoder on the inputs, the decoder on the targets
+        inputs, targets = obj.lengths(seq_len)
+        fpt = flops_per_token(cfg, inputs, arch=arch, target_len=targets) * inputs / seq_len
+    else:
+        predicted = obj.predicted(seq_len) if arch == "encoder" else None
+        fpt = flops_per_token(cfg, seq_len, arch=arch, predicted=predicted)
     total = fpt * tokens
     hours = {name: gpu_hours(total, spec["peak_tflops"], mfu) for name, spec in gpus.items()}
     cost = {name: {p: hours[name] * price for p, price in prices.get(name, {}).items()} for name in gpus}
@@ -432,6 +523,7 @@ def estimate(
             batch_size=batch_size,
             activation_checkpointing=ckpt,
             gpu_memory_gb=gpus[gpu]["memory_gb"],
+            objective=obj,
         )
         for strategy in STRATEGIES
         for ckpt in (False, True)
@@ -445,13 +537,18 @@ def estimate(
         params=n,
     )
     notes = []
+    if arch != "decoder":
+        notes.append(
+            "compute-optimal tokens: Chinchilla's 20 per parameter was fitted on decoder-only models"
+        )
     if not chosen_costs:
         notes.append(f"no price for {gpu}: set prices.{gpu}.<provider>=<dollars per GPU-hour>")
     return Estimate(
         model=cfg.name,
+        objective=obj.name,
         config=asdict(cfg),
         params=n,
-        non_embedding_params=num_params(cfg, include_embedding=False),
+        non_embedding_params=num_params(cfg, include_embedding=False, arch=arch),
         seq_len=seq_len,
         tokens=tokens,
         tokens_per_param=tokens / n,
@@ -496,7 +593,7 @@ def format_table(e: Estimate) -> str:
         + f", ffn {TransformerConfig(**c).hidden}, vocab {c['vocab_size']}"
     )
     lines = [
-        f"model {e.model}: {shape}",
+        f"model {e.model} ({OBJECTIVES[e.objective]}, objective={e.objective}): {shape}",
         f"  parameters            {_num(e.params)} ({e.params:,}; {_num(e.non_embedding_params)} without "
         "the embedding)",
         f"  FLOPs per token       {e.flops_per_token:.3g} (6N + attention at seq_len {e.seq_len}; 6N = "
@@ -563,6 +660,7 @@ class EstimateConfig:
     gpu: str = "h100"
     mfu: float = 0.4
     precision: PrecisionConfig = field(default_factory=lambda: PrecisionConfig("bf16-mixed"))
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     corpus_tokens: float | None = None
     budget: float | None = None
     domain: str = "general"
@@ -577,6 +675,9 @@ def compose(overrides: list[str]) -> Any:
     from hydra import initialize_config_dir
     from hydra.core.config_store import ConfigStore
 
+    from llmforge.config import register
+
+    register()  # the objective group's schemas
     ConfigStore.instance().store(name="estimate_schema", node=EstimateConfig)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose(config_name="estimate", overrides=overrides)

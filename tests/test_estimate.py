@@ -211,6 +211,59 @@ def test_activation_formula_matches_what_autograd_saves(precision, kv_heads):
     assert measured == activation_bytes_per_token(cfg, precision) * b * s
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_cross_attention_formula_matches_what_autograd_saves(precision, kv_heads):
+    """An encoder-decoder's decoder block: its self-attention block's share plus cross-attention's, per
+    decoder token and per encoder token."""
+    from llmforge.estimate import cross_attention_bytes
+    from llmforge.models.transformer import EncoderDecoder
+
+    cfg = TransformerConfig(
+        vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads, max_seq_len=512
+    )
+    torch.manual_seed(0)
+    model = EncoderDecoder(cfg)
+    b, s, t = 2, 300, 280
+    cos, sin = model.rope(t)
+    x = torch.randn(b, t, cfg.d_model, requires_grad=True)
+    memory = torch.randn(b, s, cfg.d_model, requires_grad=True)  # the encoder output: counted once, apart
+    block = model.decoder[0]
+    exclude = storages(*model.parameters(), model.rope_cos, model.rope_sin, memory)
+    autocast = precision == "bf16-mixed"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        measured = saved_bytes(lambda: block(x, memory, cos, sin), exclude)
+    if autocast:
+        measured -= sum(p.numel() for p in block.parameters() if p.dim() == 2) * 2 + 2 * t * cfg.head_dim * 2
+    per_target, per_memory = cross_attention_bytes(cfg, precision)
+    assert measured == (activation_bytes_per_token(cfg, precision) + per_target) * b * t + per_memory * b * s
+
+
+def test_objectives_flops_params_and_lengths():
+    """The README's table (vocabulary 32000, seq_len 2048) and span corruption's lengths at 512."""
+    from llmforge.estimate import Objective
+
+    assert Objective("denoise").lengths(512) == (462, 104)  # 77 noise tokens in 26 spans
+    table = {"125m": (0.88, 0.76, 0.92, 247.4e6), "7b": (42.9, 42.2, 53.3, 15.36e9)}
+    for name, (clm, mlm, denoise, encdec_params) in table.items():
+        got = [
+            estimate(name, objective=o, seq_len=2048).flops_per_token / 1e9 for o in ("clm", "mlm", "denoise")
+        ]
+        assert got == pytest.approx([clm, mlm, denoise], abs=0.06)
+        assert estimate(name, objective="denoise").params == pytest.approx(encdec_params, rel=1e-3)
+    cfg = TransformerConfig(name="x", vocab_size=32000, d_model=768, n_layers=12, n_heads=12)
+    kw = dict(strategy="ddp", num_gpus=1, precision="bf16-mixed", seq_len=1024, batch_size=2)
+    clm = memory_per_gpu(cfg, activation_checkpointing=False, objective="clm", **kw)
+    mlm = memory_per_gpu(
+        cfg, activation_checkpointing=False, objective={"name": "mlm", "mask_prob": 0.25}, **kw
+    )
+    assert mlm.activations == clm.activations and mlm.logits == pytest.approx(0.25 * clm.logits)
+    t5 = memory_per_gpu(cfg, activation_checkpointing=False, objective="denoise", **kw)
+    assert t5.weights == 4 * num_params(cfg, arch="encdec")
+    with pytest.raises(ValueError, match="objective='gpt' is not one of clm, mlm, denoise"):
+        estimate("125m", objective="gpt")
+
+
 def test_loss_formula_bounds_what_autograd_saves():
     """Head + loss: the saved log-probabilities and norm tensors fit within the estimate's peak term."""
     cfg = TransformerConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, max_seq_len=512)
@@ -284,7 +337,17 @@ def test_bad_input_names_the_key(kwargs, match):
 def test_cli_table_and_json(capsys):
     assert main(["model=1b", "tokens=2e10", "gpu=a100", "num_gpus=4", "model.n_layers=8"]) == 0
     out = capsys.readouterr().out
-    assert "model 1b: d_model 2048, 8 layers" in out and "fsdp + ckpt" in out and "lambda $" in out
+    assert (
+        "model 1b (decoder, objective=clm): d_model 2048, 8 layers" in out
+        and "fsdp + ckpt" in out
+        and "lambda $" in out
+    )
+    assert main(["model=125m", "objective=denoise", "objective.noise_density=0.3", "--json"]) == 0
+    denoise = json.loads(capsys.readouterr().out)
+    assert denoise["objective"] == "denoise"
+    assert (
+        denoise["flops_per_token"] > estimate("125m", objective="denoise").flops_per_token
+    )  # longer targets
     assert main(["model=1b", "tokens=2e10", "--json", "precision=bf16-true", "+prices.h100.mine=2"]) == 0
     e = json.loads(capsys.readouterr().out)
     assert e["precision"] == "bf16-true" and e["tokens"] == 2e10 and e["cost"]["h100"]["mine"] > 0
