@@ -9,7 +9,9 @@ The three sides' greedy tokens are compared before timing (they must agree).
 
 tokens/s = batch * new tokens / wall time of the whole ``generate`` call (prefill included). Sides run in
 alternating rounds in one process (the first side rotates; CPU figures drift between processes); the
-figure is the median over rounds, with the median of per-round ratios.
+figure is the median over rounds, with the median of per-round ratios. Tokens per CPU second (process CPU
+time) is printed beside it: on a shared, oversubscribed machine wall time swings several-fold, CPU time
+much less (``--threads 1`` makes it the cleanest figure).
 
     .venv/bin/python experiments/bench_generate.py                       # defaults below
     .venv/bin/python experiments/bench_generate.py --batch 1 --prompt-len 16 --new-tokens 128
@@ -107,25 +109,37 @@ def main() -> None:
         )
         print(f"  warm-up {name}: {agree}/{args.batch * n} tokens equal to llmforge kv-cache")
     times: dict[str, list[float]] = {name: [] for name in sides}
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
     names = list(sides)
     for r in range(args.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             sides[name]()
             times[name].append(time.perf_counter() - t0)
-        print(f"  round {r}: " + ", ".join(f"{k} {args.batch * n / times[k][-1]:.0f} tok/s" for k in names))
+            cpu[name].append(time.process_time() - c0)
+        print(
+            f"  round {r}: "
+            + ", ".join(
+                f"{k} {args.batch * n / times[k][-1]:.0f} tok/s ({cpu[k][-1]:.2f} CPU s)" for k in names
+            )
+        )
     rate = {k: args.batch * n / statistics.median(v) for k, v in times.items()}
-    print("median tokens/s:", ", ".join(f"{k} {v:.0f}" for k, v in rate.items()))
-    paired = statistics.median(
-        h / o for o, h in zip(times["llmforge kv-cache"], times["hf generate"], strict=True)
-    )
+    cpu_rate = {k: args.batch * n / statistics.median(v) for k, v in cpu.items()}
+    print("median tokens/s, wall:", ", ".join(f"{k} {v:.0f}" for k, v in rate.items()))
+    print("median tokens per CPU second:", ", ".join(f"{k} {v:.0f}" for k, v in cpu_rate.items()))
+    ours, hf_name = "llmforge kv-cache", "hf generate"
+    paired = statistics.median(h / o for o, h in zip(times[ours], times[hf_name], strict=True))
     print(
-        f"ratio llmforge kv-cache / hf generate: {rate['llmforge kv-cache'] / rate['hf generate']:.2f} "
-        f"(paired per round {paired:.2f})"
+        f"ratio llmforge kv-cache / hf generate: wall {rate[ours] / rate[hf_name]:.2f} "
+        f"(paired per round {paired:.2f}), CPU time {cpu_rate[ours] / cpu_rate[hf_name]:.2f}"
     )
     if "llmforge no-cache" in rate:
-        print(f"ratio kv-cache / no-cache: {rate['llmforge kv-cache'] / rate['llmforge no-cache']:.2f}")
+        nc = "llmforge no-cache"
+        print(
+            f"ratio kv-cache / no-cache: wall {rate[ours] / rate[nc]:.2f}, "
+            f"CPU time {cpu_rate[ours] / cpu_rate[nc]:.2f}"
+        )
 
 
 if __name__ == "__main__":
