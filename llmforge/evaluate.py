@@ -16,7 +16,9 @@ to the text around them). For clm this is the usual tokenizer-independent figure
 over the masked / target tokens only.
 
 ``trainer.limit_val_batches=N`` (or ``--limit-batches N``) scores the first N batches, as the trainer's
-validation does; by default the whole split. A JSON file holds the result (``--out``; default
+validation does; by default the whole split. (A run validated on N ranks scored each rank's contiguous
+share of the windows, ``len // N`` each, in its own batches: its ``val/loss`` can differ slightly from this
+one-process figure.) A JSON file holds the result (``--out``; default
 ``<run dir>/eval/<checkpoint>-<split>.json``).
 """
 
