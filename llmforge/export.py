@@ -21,13 +21,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def data_tokenizer(hp: dict, ckpt: Path) -> Path:
-    """The tokenizer the run trained on: ``tokenizer.json`` beside its data manifest."""
+    """The tokenizer the run trained on: ``tokenizer.json`` beside its data manifest (``data.path`` as the
+    run got it, else the absolute path in the run dir's ``run_manifest.json``)."""
     from llmforge.data.shards import MANIFEST, TOKENIZER_FILE, sha256_file
 
     data_path = (hp.get("data") or {}).get("path")
     if not data_path:
         raise ValueError(f"{ckpt}: the checkpoint does not record its data path: pass --tokenizer PATH")
     data = Path(data_path)
+    run_manifest = ckpt.resolve().parent.parent / "run_manifest.json"  # <run_dir>/checkpoints/x.ckpt
+    if not (data / TOKENIZER_FILE).is_file() and run_manifest.is_file():  # relative to another cwd
+        data = Path(json.loads(run_manifest.read_text()).get("data", {}).get("path", data_path))
     tok = data / TOKENIZER_FILE
     if not tok.is_file():
         raise FileNotFoundError(

@@ -162,6 +162,22 @@ def test_export_cli_from_a_trained_checkpoint(clm_ckpt, tiny_data, tmp_path):
     assert tok.decode(tok(text)["input_ids"]) == text
 
 
+def test_export_finds_the_tokenizer_of_a_relative_data_path(tiny_data, tmp_path, monkeypatch, capsys):
+    """data.path relative to the directory training ran in: export from elsewhere reads run_manifest.json."""
+    from tests.conftest import compose_train
+
+    monkeypatch.chdir(tiny_data.parent)
+    result = run(
+        compose_train(
+            [f"data.path={tiny_data.name}", f"run_dir={tmp_path / 'run'}", "model=tiny", "data.seq_len=32"]
+            + ["data.batch_size=4", "debug=fast", "trainer.max_steps=1"]
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    assert export_main([str(result.last_checkpoint), "out"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tiny_data / "tokenizer.json").read_bytes()
+
+
 def test_export_refuses_mlm_and_sharded_checkpoints(train_cfg, tmp_path, capsys):
     mlm = run(train_cfg("objective=mlm", "debug=fast", "trainer.max_steps=1", run_dir=tmp_path / "mlm"))
     assert export_main([str(mlm.last_checkpoint), str(tmp_path / "out"), "--no-tokenizer"]) == 2
