@@ -140,6 +140,7 @@ class Memory:
     logits: float
     step_temp: float  # the optimizer step's temporaries (foreach AdamW)
     peak: str  # "backward" | "optimizer step": when the total is reached
+    parts: dict[str, float]  # what is in memory at that moment (adds up to total)
     total: float
     total_gb: float
     fits: bool  # total <= the chosen GPU's memory
@@ -286,6 +287,12 @@ def memory_per_gpu(
     backward = weights + working + grads + optim + comm + activations + logits
     step = weights + grads + optim + (comm if strategy == "ddp" else 0.0) + step_temp
     total = max(backward, step)
+    if backward >= step:
+        parts = dict(weights=weights, working_copy=working, grads=grads, optimizer=optim, comm=comm)
+        parts |= dict(activations=activations, logits=logits)
+    else:
+        parts = dict(weights=weights, grads=grads, optimizer=optim, step_temp=step_temp)
+        parts |= dict(comm=comm) if strategy == "ddp" else {}
     return Memory(
         strategy=strategy,
         activation_checkpointing=activation_checkpointing,
@@ -298,6 +305,7 @@ def memory_per_gpu(
         logits=logits,
         step_temp=step_temp,
         peak="backward" if backward >= step else "optimizer step",
+        parts=parts,
         total=total,
         total_gb=total / GB,
         fits=total <= gpu_memory_gb * GB,

@@ -165,6 +165,10 @@ def test_short_sequences_peak_at_the_optimizer_step():
     assert fsdp.peak == "optimizer step" and fsdp.total == (4 + 4 + 8 + 4) * n / 2
     long = memory_per_gpu(cfg, strategy="ddp", num_gpus=2, **{**kw, "seq_len": 2048, "batch_size": 8})
     assert long.peak == "backward" and long.total > ddp.total
+    for m in (ddp, fsdp, long):  # the breakdown of the peak moment adds up
+        assert sum(m.parts.values()) == pytest.approx(m.total)
+    assert set(ddp.parts) == {"weights", "grads", "optimizer", "step_temp", "comm"}
+    assert "activations" in long.parts and "step_temp" not in long.parts
 
 
 def saved_bytes(fn, exclude: set[int]) -> int:
