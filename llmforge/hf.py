@@ -272,9 +272,13 @@ def load_checkpoint(path: str | Path) -> tuple[TransformerConfig, dict[str, torc
     ``model.`` prefix, hyper_parameters)."""
     p = Path(path)
     if p.is_dir():
+        if (p / ".metadata").is_file() or (p / "meta.pt").is_file():
+            raise ValueError(
+                f"{p} is a sharded (FSDP) checkpoint directory: consolidate it first, "
+                f"python -m llmforge.consolidate {p} <out.ckpt>"
+            )
         raise ValueError(
-            f"{p} is a sharded (FSDP) checkpoint directory: consolidate it first, "
-            f"python -m llmforge.consolidate {p} <out.ckpt>"
+            f"{p}: neither a checkpoint file nor a Hugging Face model directory (no config.json)"
         )
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such checkpoint")

@@ -185,6 +185,9 @@ def test_export_refuses_mlm_and_sharded_checkpoints(train_cfg, tmp_path, capsys)
     sharded = tmp_path / "sharded.ckpt"
     sharded.mkdir()
     assert export_main([str(sharded), str(tmp_path / "out")]) == 2
+    assert "neither a checkpoint file nor a Hugging Face model directory" in capsys.readouterr().err
+    (sharded / ".metadata").write_bytes(b"")  # what torch.distributed.checkpoint writes
+    assert export_main([str(sharded), str(tmp_path / "out")]) == 2
     assert "python -m llmforge.consolidate" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="only the causal LM"):
