@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # The project's machines keep a CPU build of torch on disk; elsewhere pip resolves torch from PyPI.
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv demo test test-fast lint bench clean slurm-up slurm-down
 
 venv: $(VENV)/.installed
 
@@ -29,6 +29,13 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# A real single-node SLURM on this machine (root; as in CI): the tests marked `slurm` then run.
+slurm-up:
+	.ci/slurm-up.sh
+
+slurm-down:
+	.ci/slurm-down.sh
 
 lint: venv
 	$(BIN)/ruff check .
