@@ -372,3 +372,19 @@ def test_fsdp_run_samples_then_consolidated_checkpoint_generates_and_evaluates(t
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((run_dir / "eval" / "last.consolidated-val.json").read_text())
     assert math.isfinite(saved["loss"]) and saved["batch_size"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generation_on_gpu(dtype):
+    model = decoder(n_heads=8, n_kv_heads=2).to("cuda", dtype)
+    batch = prompts([3, 11, 6])
+    cached = generate_ids(model, batch, 12)
+    if dtype == torch.float32:
+        assert cached == generate_ids(model, batch, 12, use_cache=False)
+        assert cached == [generate_ids(model, [p], 12)[0] for p in batch]
+    s = Sampling(temperature=1.0, top_k=20)
+    assert generate_ids(model, batch, 12, sampling=s, seed=3) == generate_ids(
+        model, batch, 12, sampling=s, seed=3
+    )
+    assert all(len(row) == 12 for row in cached)
