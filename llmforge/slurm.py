@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # SIGUSR1: Lightning's and most clusters' convention; SIGUSR2: submitit's (`--signal=USR2@<delay>`)
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-REQUEUED_EXIT_CODE = 3  # what the processes of a requeued job exit with
+REQUEUED_EXIT_CODE = 75  # EX_TEMPFAIL: what the processes of a requeued job exit with
 
 
 def under_slurm() -> bool:
