@@ -178,18 +178,11 @@ def load_model(
 
 
 def load_hf_dir(path: Path, tokenizer: str | Path | None = None) -> LoadedModel:
-    """A Hugging Face LlamaForCausalLM directory -> an llmforge causal `Transformer`.
+    """A Hugging Face LlamaForCausalLM directory -> an llmforge causal `Transformer` (`llmforge.hf.from_hf`);
+    the tokenizer is the directory's ``tokenizer.json`` (as ``python -m llmforge.export`` writes it)."""
+    from llmforge.hf import from_hf
 
-    Uses `llmforge.hf.from_hf` when the package has it; otherwise reads ``config.json`` and the safetensors
-    weights here (Llama's names, q/k in the rotate-half layout both use)."""
-    try:
-        from llmforge.hf import from_hf  # type: ignore[attr-defined]
-    except ImportError:
-        from_hf = None
-    if from_hf is not None:
-        cfg, weights = from_hf(path)
-    else:
-        cfg, weights = read_hf_llama(path)
+    cfg, weights = from_hf(path)
     model = Transformer(cfg)
     model.load_state_dict(weights, strict=True)
     tok = find_tokenizer({"data": {"path": str(path)}}, path / "config.json", tokenizer)
@@ -213,48 +206,6 @@ def hf_special_tokens(path: Path, tok: Any) -> dict[str, int]:
         if value is not None:
             specials.setdefault(name, int(value))
     return specials
-
-
-def read_hf_llama(path: Path) -> tuple[TransformerConfig, dict[str, torch.Tensor]]:
-    """Minimal reader of a HF Llama checkpoint directory (config.json + *.safetensors)."""
-    from safetensors.torch import load_file
-
-    c = json.loads((path / "config.json").read_text())
-    if "llama" not in str(c.get("model_type", "")).lower():
-        raise ValueError(f"{path}/config.json: model_type={c.get('model_type')!r}, only llama is supported")
-    cfg = TransformerConfig(
-        name=path.name,
-        vocab_size=c["vocab_size"],
-        d_model=c["hidden_size"],
-        n_layers=c["num_hidden_layers"],
-        n_heads=c["num_attention_heads"],
-        n_kv_heads=c.get("num_key_value_heads"),
-        ffn_hidden=c["intermediate_size"],
-        max_seq_len=c.get("max_position_embeddings", 2048),
-        rope_theta=float(c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-        norm_eps=c.get("rms_norm_eps", 1e-5),
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-    )
-    hf: dict[str, torch.Tensor] = {}
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights")
-    for file in files:
-        hf.update(load_file(str(file)))
-    w = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
-    w["head.weight"] = hf.get("lm_head.weight", hf["model.embed_tokens.weight"])
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        a = p + "self_attn."
-        w[f"blocks.{i}.attn.qkv.weight"] = torch.cat([hf[a + f"{n}_proj.weight"] for n in "qkv"])
-        w[f"blocks.{i}.attn.out.weight"] = hf[a + "o_proj.weight"]
-        w[f"blocks.{i}.mlp.gate_up.weight"] = torch.cat(
-            [hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]
-        )
-        w[f"blocks.{i}.mlp.down.weight"] = hf[p + "mlp.down_proj.weight"]
-        w[f"blocks.{i}.attn_norm.weight"] = hf[p + "input_layernorm.weight"]
-        w[f"blocks.{i}.mlp_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
-    return cfg, w
 
 
 # -- sampling --------------------------------------------------------------------------------------
