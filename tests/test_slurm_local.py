@@ -1,0 +1,110 @@
+"""SLURM pieces that need no cluster: the launcher config, resume after a restart, and the requeue
+callback in one process under a faked SLURM environment (a stand-in `scontrol` records the requeue).
+tests/test_slurm.py runs the same paths against a real SLURM."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from llmforge.training import resolve_resume, run
+from tests.conftest import CONF
+
+
+class SignalAt(L.Callback):
+    """Sends SIGUSR1 to this process once `step` optimizer steps are done (what SLURM would do)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args, **kwargs):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def launcher(*overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", *overrides], return_hydra_config=True)
+    return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+
+
+def test_launcher_has_one_task_per_rank_and_gpus_only_on_gpus():
+    gpu = launcher("hardware=multinode", "hydra.launcher.partition=gpu")
+    assert (gpu["nodes"], gpu["tasks_per_node"], gpu["gpus_per_node"]) == (2, 8, 8)
+    assert gpu["partition"] == "gpu" and gpu["signal_delay_s"] > 0
+    assert gpu["additional_parameters"]["requeue"] is True
+    assert gpu["_target_"].endswith("SlurmLauncher")
+    cpu = launcher("hardware.devices=2")
+    assert (cpu["nodes"], cpu["tasks_per_node"], cpu["gpus_per_node"]) == (1, 2, None)
+
+
+def test_restarted_job_resumes_from_last_whatever_resume_says(train_cfg, tmp_path, monkeypatch):
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    (ckpt_dir / "step0000004.ckpt").write_bytes(b"x")
+    cfg = train_cfg()  # resume=None: a fresh run must not find checkpoints
+    with pytest.raises(FileExistsError, match="resume=auto"):
+        resolve_resume(cfg, ckpt_dir)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert resolve_resume(cfg, ckpt_dir) is None  # requeued before anything was saved as last.ckpt
+    (ckpt_dir / "last.ckpt").write_bytes(b"x")
+    assert resolve_resume(cfg, ckpt_dir) == str(ckpt_dir / "last.ckpt")
+    assert resolve_resume(train_cfg(f"resume={ckpt_dir / 'step0000004.ckpt'}"), ckpt_dir) == str(
+        ckpt_dir / "last.ckpt"
+    )
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch) -> Path:
+    """A one-task SLURM job's environment and an `scontrol` that records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "scontrol.args"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    env = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "llmforge-test",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    return record
+
+
+def test_requeue_signal_saves_requeues_then_restart_resumes(train_cfg, tmp_path, fake_slurm, monkeypatch):
+    common = (
+        "debug=fast",
+        "trainer.max_steps=6",
+        "trainer.ckpt_every_n_steps=100",
+        "+callbacks.samples._target_=llmforge.callbacks.SampleIndexRecorder",
+    )
+    signal_at_3 = ("+callbacks.signal._target_=tests.test_slurm_local.SignalAt", "+callbacks.signal.step=3")
+    first = run(train_cfg(*common, *signal_at_3))
+    assert first.requeued and first.global_step == 3
+    assert fake_slurm.read_text().split() == ["requeue", "4242"]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)  # handler restored after fit
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    second = run(train_cfg(*common))  # resume=None, yet the restarted job continues
+    assert not second.requeued and second.global_step == 6
+    assert torch.load(last, weights_only=False)["global_step"] == 6
+    assert fake_slurm.read_text().count("requeue") == 1
+    batches = (tmp_path / "run" / "samples" / "rank0.txt").read_text().splitlines()
+    assert len(batches) == 6  # 3 before the signal, 3 after the restart: resumed, not started again
