@@ -5,7 +5,7 @@ holding one ``__<rank>_0.distcp`` file per rank, torch.distributed.checkpoint's 
 Lightning's ``meta.pt``) into one ordinary Lightning ``.ckpt`` file, as a run without sharding writes it:
 
 - ``state_dict``: full tensors keyed like a non-sharded checkpoint (``model.blocks.0.attn.qkv.weight``);
-- ``optimizer_states``: ``[optimizer.state_dict()]`` with parameters numbered in the optimizer's order
+- ``optimizer_states``: ``[optimizer.state_dict()]``, parameters numbered in the model's order
   (not ``--weights-only``);
 - everything Lightning kept beside them in ``meta.pt``: ``hyper_parameters``, ``global_step``, ``epoch``,
   ``loops``, ``lr_schedulers``, ``callbacks``, the data position (``ShardDataModule``), versions.
@@ -39,17 +39,25 @@ def default_output(ckpt_dir: Path) -> Path:
     return ckpt_dir.with_name(f"{stem}.consolidated.ckpt")
 
 
-def index_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
+def index_optimizer_state(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """An optimizer state keyed by parameter names (torch.distributed.checkpoint's form) -> the form of
-    ``optimizer.state_dict()``: parameters numbered 0, 1, ... in the order of the param groups."""
-    ids: dict[str, int] = {}
-    groups = []
-    for group in state["param_groups"]:
-        params = [ids.setdefault(name, len(ids)) for name in group["params"]]
-        groups.append({**group, "params": params})
-    unknown = set(state["state"]) - set(ids)
+    ``optimizer.state_dict()``, with integer ids.
+
+    A parameter's id is its position in the model (``names``: the model's state-dict keys, in order;
+    those the optimizer does not hold are skipped), and each param group lists its parameters' ids in the
+    group's own order. `torch.optim.Optimizer.load_state_dict` matches parameters by their place in the
+    groups, so it loads this; Lightning's FSDP loader (``strategy=fsdp`` resuming from a single file)
+    maps id i to the i-th parameter of the model, so it loads this too.
+    """
+    held = {name for group in state["param_groups"] for name in group["params"]}
+    missing = held - set(names)
+    if missing:
+        raise ValueError(f"optimizer holds parameters the model state lacks: {sorted(missing)[:3]}")
+    ids = {name: i for i, name in enumerate(n for n in names if n in held)}
+    unknown = set(state["state"]) - held
     if unknown:
         raise ValueError(f"optimizer state for parameters in no param group: {sorted(unknown)[:3]}")
+    groups = [{**group, "params": [ids[name] for name in group["params"]]} for group in state["param_groups"]]
     return {"state": {ids[name]: s for name, s in state["state"].items()}, "param_groups": groups}
 
 
@@ -75,7 +83,8 @@ def load_sharded(ckpt_dir: str | os.PathLike, weights_only: bool = False) -> dic
     checkpoint["state_dict"] = sharded.pop("state_dict")
     if not weights_only:
         optimizers = sorted((k for k in sharded if k.startswith("optimizer_")), key=lambda k: int(k[10:]))
-        checkpoint["optimizer_states"] = [index_optimizer_state(sharded.pop(k)) for k in optimizers]
+        names = list(checkpoint["state_dict"])  # the model's order (torch.distributed.checkpoint keeps it)
+        checkpoint["optimizer_states"] = [index_optimizer_state(sharded.pop(k), names) for k in optimizers]
     else:
         for key in ("optimizer_states", "lr_schedulers"):
             checkpoint.pop(key, None)
