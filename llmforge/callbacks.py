@@ -294,7 +294,7 @@ class StabilityGuard(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if isinstance(batch, dict) and "index" in batch:
-            self._indices.append(batch["index"].detach().reshape(-1).cpu())
+            self._indices.append(batch["index"].detach().reshape(-1))  # on the device: no sync here
 
     def on_before_backward(self, trainer, pl_module, loss):
         # the module's own loss: the one Lightning hands here is divided by the accumulation count and,
@@ -314,6 +314,7 @@ class StabilityGuard(L.Callback):
         else:
             self.bad_steps.append(step)
             self.act(trainer, pl_module, step, kind, loss, local, stats)
+        pl_module.log("guard/anomalies", float(len(self.bad_steps)), rank_zero_only=True)
         self._micro_losses.clear()
         self._indices.clear()
 
@@ -392,11 +393,7 @@ class StabilityGuard(L.Callback):
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            message = f"stability guard: {kind} at {what}; {action} (recorded in {path})"
-            (log.info if action.startswith("rollback") else log.warning)(message)
-            if action == "warn":
-                print(message, file=sys.stderr)
-        pl_module.log("guard/anomalies", float(len(self.bad_steps)), rank_zero_only=True)
+            log.warning(f"stability guard: {kind} at {what}; {action} (recorded in {path})")
 
     def _gather(self, trainer, tensor: torch.Tensor) -> torch.Tensor:
         if trainer.world_size == 1:
@@ -404,7 +401,7 @@ class StabilityGuard(L.Callback):
         return trainer.strategy.all_gather(tensor.to(trainer.strategy.root_device)).reshape(-1).cpu()
 
     def _gathered_indices(self, trainer) -> list[int]:
-        local = torch.cat(self._indices) if self._indices else torch.zeros(0, dtype=torch.long)
+        local = torch.cat(self._indices).cpu() if self._indices else torch.zeros(0, dtype=torch.long)
         if trainer.world_size == 1:
             return local.tolist()
         sizes = self._gather(trainer, torch.tensor([local.numel()]))

@@ -26,6 +26,7 @@ STEP_TAGS = (
     "perf/tokens_per_s",
     "perf/samples_per_s",
     "perf/step_time_s",
+    "guard/anomalies",
 )
 
 
@@ -81,6 +82,7 @@ def test_logged_values_match_their_definitions(logged_run):
         tokens, samples = s["perf/tokens_per_s"][step], s["perf/samples_per_s"][step]
         assert tokens > 0 and tokens == pytest.approx(samples * cfg.data.seq_len, rel=1e-5)
         assert s["perf/step_time_s"][step] == pytest.approx(4 / samples, rel=1e-5)
+    assert set(s["guard/anomalies"].values()) == {0.0}
     assert sorted(s["val/loss"]) == [2, 5] and sorted(s["val/ppl"]) == [2, 5]
     for step, loss in s["val/loss"].items():
         assert s["val/ppl"][step] == pytest.approx(math.exp(loss), rel=1e-5)
