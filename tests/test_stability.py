@@ -291,3 +291,13 @@ def test_fsdp_global_grad_norm_and_rollback_to_a_sharded_checkpoint(tmp_path, ti
     single = run(train_cfg(*common, "data.batch_size=8", "trainer.max_steps=1", run_dir=tmp_path / "single"))
     reference = dict(read_scalars(single.run_dir)["train/grad_norm"])[0]
     assert dict(read_scalars(run_dir)["train/grad_norm"])[0] == pytest.approx(reference, rel=1e-4)
+
+
+def test_resume_keeps_the_guard_state(train_cfg, tmp_path):
+    args = common("callbacks.guard.nan_policy=skip", *poison([1]))
+    run(train_cfg(*args, "trainer.max_steps=3", run_dir=tmp_path / "r"))
+    resumed = run(train_cfg(*args, "trainer.max_steps=6", "resume=auto", run_dir=tmp_path / "r"))
+    saved = torch.load(resumed.last_checkpoint, weights_only=False)["callbacks"]["StabilityGuard"]
+    assert saved["bad_steps"] == [1] and saved["checked_through"] == 5
+    assert len(saved["losses"]) == 5  # steps 0, 2, 3, 4, 5: the window goes on across the resume
+    assert [r["step"] for r in anomalies(tmp_path / "r")] == [1]
