@@ -301,3 +301,14 @@ def test_resume_keeps_the_guard_state(train_cfg, tmp_path):
     assert saved["bad_steps"] == [1] and saved["checked_through"] == 5
     assert len(saved["losses"]) == 5  # steps 0, 2, 3, 4, 5: the window goes on across the resume
     assert [r["step"] for r in anomalies(tmp_path / "r")] == [1]
+
+
+def test_accumulation_records_every_micro_batch_of_the_step(train_cfg):
+    args = common(
+        "trainer.max_steps=3", "trainer.accumulate_grad_batches=2", "callbacks.guard.nan_policy=skip"
+    )
+    result = run(train_cfg(*args, *poison([1])))
+    (record,) = anomalies(result.run_dir)
+    micro = batches(result.run_dir)  # one line per micro-batch: steps 0, 0, 1, 1, 2, 2
+    assert record["step"] == 1 and record["indices"] == micro[2] + micro[3]
+    assert result.global_step == 3 and finite(state(result.last_checkpoint))
