@@ -292,6 +292,14 @@ def test_fsdp_ddp_and_one_process_agree_and_consolidated_checkpoint_loads_and_re
     assert sorted(resumed_losses) == [2, 3]  # the same batches as the one-process run, the same losses
     assert resumed_losses == pytest.approx({s: single_losses[s] for s in (2, 3)}, rel=1e-3)
 
+    # ... and under FSDP again (Lightning maps the single file's optimizer ids to the model's parameters)
+    proc = run_cli(
+        "llmforge.train", *common, *cli, "strategy=fsdp", f"resume={mid}", "name=fsdp-again", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    again = consolidate(tmp_path / "runs" / "fsdp-again" / "checkpoints" / "last.ckpt")
+    assert max_diff(logits_of(torch.load(again, weights_only=False)), logits_of(fsdp)) < 1e-3
+
 
 @pytest.mark.gpu
 def test_fsdp_on_gpu_bf16_mixed_with_checkpointing_and_compile(tmp_path, tiny_data):
