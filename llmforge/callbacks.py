@@ -289,7 +289,8 @@ class StabilityGuard(L.Callback):
             return
         if trainer.global_step == 0 and ckpt.dirpath:
             path = Path(ckpt.format_checkpoint_name({"step": torch.tensor(0)}))
-            if not path.exists():
+            # rank 0 decides for all: a rank that saw rank 0's file appear would skip the collective save
+            if not trainer.strategy.broadcast(path.exists(), src=0):
                 trainer.save_checkpoint(path)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
