@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from llmforge.config import register
 
 ROOT = Path(__file__).resolve().parent.parent
-# Hermetic: nothing cached by earlier runs on this machine (llmforge.prep.filters.cache_dir) is seen.
+# Hermetic: nothing cached by earlier runs on this machine (llmforge.prep.cache) is seen.
 os.environ["LLMFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="llmforge-test-cache-")
 CONF = ROOT / "conf"
 register()

@@ -343,3 +343,26 @@ def test_load_refuses_mixed_settings(tmp_path):
         load_signatures([tmp_path / "a.npz", tmp_path / "b.npz"])
     keys, _, _ = load_signatures([tmp_path / "a.npz"], shards=[7])
     assert unpack_keys(keys)[0].tolist() == [7]
+
+
+def test_punctuation_table_cached_per_unicode_version(monkeypatch, tmp_path):
+    import sys
+    import unicodedata
+
+    import numpy as np
+
+    from llmforge.prep import dedup
+
+    monkeypatch.setenv("LLMFORGE_CACHE_DIR", str(tmp_path))
+    dedup._punctuation.cache_clear()
+    derived, ascii_table = dedup._punctuation()
+    (entry,) = tmp_path.glob(f"punctuation-unicode-{unicodedata.unidata_version}-*")
+    for cp in (ord(","), ord("¿"), ord("「"), 0x2014, 0x1F600, ord("a"), ord("€"), 0x0301):
+        assert derived[cp] == (unicodedata.category(chr(cp))[0] == "P")
+    assert set(ascii_table) == {c for c in range(128) if unicodedata.category(chr(c))[0] == "P"}
+    dedup._punctuation.cache_clear()
+    assert np.array_equal(dedup._punctuation()[0], derived)  # read back from the entry
+    entry.write_bytes(np.array([sys.maxunicode + 5], dtype="<u4").tobytes())  # damaged: derived again
+    dedup._punctuation.cache_clear()
+    assert np.array_equal(dedup._punctuation()[0], derived)
+    dedup._punctuation.cache_clear()

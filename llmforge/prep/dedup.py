@@ -51,6 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmforge.prep import cache
+
 __all__ = [
     "DedupResult",
     "MinHasher",
@@ -75,13 +77,21 @@ def _punctuation() -> tuple[np.ndarray, dict[int, str]]:
     """Every Unicode punctuation code point (categories Pc Pd Ps Pe Pi Pf Po) as a lookup table, and the
     ASCII ones as a `str.translate` table.
 
-    Built once a process (~0.3 s) from the interpreter's Unicode database. Symbols (S*) and combining marks
-    (M*) are kept: marks are part of words in many scripts.
+    Derived from the interpreter's Unicode database (~0.2 s), and kept in `llmforge.prep.cache` under its
+    version so that each worker process does not derive it again. Symbols (S*) and combining marks (M*)
+    are kept: marks are part of words in many scripts.
     """
-    is_punct = np.zeros(sys.maxunicode + 1, dtype=bool)
-    for cp in range(sys.maxunicode + 1):
-        if unicodedata.category(chr(cp))[0] == "P":
-            is_punct[cp] = True
+    size = sys.maxunicode + 1
+    name = f"punctuation-unicode-{unicodedata.unidata_version}-{size}.u32"
+    stored = cache.load(name)
+    cps = np.frombuffer(stored, dtype="<u4") if stored else None
+    if cps is None or cps.size == 0 or int(cps.max()) >= size:
+        every = "".join(map(chr, range(size)))
+        categories = np.frombuffer("".join(map(unicodedata.category, every)).encode("ascii"), np.uint8)
+        cps = np.flatnonzero(categories[0::2] == ord("P")).astype("<u4")  # two letters per code point
+        cache.store(name, cps.tobytes())
+    is_punct = np.zeros(size, dtype=bool)
+    is_punct[cps] = True
     return is_punct, {cp: " " for cp in np.flatnonzero(is_punct[:128]).tolist()}
 
 
@@ -294,6 +304,12 @@ class MinHasher:
     def signatures(self, texts: Iterable[str]) -> np.ndarray:
         """Signatures of many texts, shape ``(n, num_perm)``, dtype uint32 (affine32) or uint64."""
         return self._signatures_normalized(normalize_for_dedup(t) for t in texts)
+
+    def fingerprints(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(`exact_hash` of each text as uint64, `signatures`), normalising each text once for both."""
+        normalized = [normalize_for_dedup(t) for t in texts]
+        exact = np.fromiter(map(_exact_normalized, normalized), dtype=np.uint64, count=len(normalized))
+        return exact, self._signatures_normalized(normalized)
 
     def signature(self, text: str) -> np.ndarray:
         """Signature of one text, shape ``(num_perm,)``: datasketch's ``MinHash.hashvalues``."""

@@ -62,7 +62,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import re
 import unicodedata
 from collections import Counter
@@ -70,11 +69,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from importlib import metadata
 from itertools import filterfalse, repeat
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from llmforge.prep import cache
 from llmforge.prep.document import Document
 from llmforge.prep.step import Filter, PipelineStep
 
@@ -588,7 +587,7 @@ def detect_language(text: str, seed: int = 0, backend: str = "langdetect") -> li
 def resolve_backend(backend: str = "auto") -> str:
     """Resolve "auto": "langdetect_rs" when it imports and answers exactly as langdetect does on
     `LANGUAGE_PROBES` (seeds 0 and 1: same languages, bit-identical probabilities; checked once per
-    installed pair of versions, the verdict kept in `cache_dir`), else "langdetect". Other names are
+    installed pair of versions, the verdict kept in `llmforge.prep.cache`), else "langdetect". Other names are
     checked and returned as they are."""
     global _AUTO_BACKEND
     if backend != "auto":
@@ -598,14 +597,6 @@ def resolve_backend(backend: str = "auto") -> str:
     if _AUTO_BACKEND is None:
         _AUTO_BACKEND = _choose_backend()
     return _AUTO_BACKEND
-
-
-def cache_dir() -> Path:
-    """Where llmforge keeps small derived facts: ``$LLMFORGE_CACHE_DIR``, else ``~/.cache/llmforge``."""
-    env = os.environ.get("LLMFORGE_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmforge"
 
 
 def _choose_backend() -> str:
@@ -621,10 +612,10 @@ def _choose_backend() -> str:
     # The verdict depends only on the two installed versions and the probes: remember it on disk, so a
     # worker process does not spend ~0.5 s loading pure-Python langdetect to check it again.
     key = hashlib.sha256(json.dumps([versions, LANGUAGE_PROBES]).encode()).hexdigest()[:16]
-    verdict = cache_dir() / f"language-backend-{key}.json"
+    name = f"language-backend-{key}.json"
     try:
-        return json.loads(verdict.read_text())["backend"]
-    except (OSError, ValueError, KeyError):
+        return json.loads(cache.load(name) or b"")["backend"]
+    except (ValueError, KeyError, TypeError):
         pass
     backend = "langdetect_rs"
     for seed in (0, 1):
@@ -635,13 +626,7 @@ def _choose_backend() -> str:
                 break
         if backend == "langdetect":
             break
-    try:
-        verdict.parent.mkdir(parents=True, exist_ok=True)
-        tmp = verdict.with_name(f"{verdict.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"backend": backend, "versions": versions}))
-        os.replace(tmp, verdict)
-    except OSError:
-        pass  # a read-only home: check again next time
+    cache.store(name, json.dumps({"backend": backend, "versions": versions}).encode())
     return backend
 
 

@@ -152,7 +152,6 @@ def process_hash(cfg: dict, source: str | list[str]) -> str:
 
 
 def process_shard(cfg: dict, work_dir: str, index: int, source: str | list[str]) -> dict:
-    from llmforge.prep.dedup import exact_hash
     from llmforge.prep.readers import download
 
     work = Path(work_dir)
@@ -175,28 +174,26 @@ def process_shard(cfg: dict, work_dir: str, index: int, source: str | list[str])
     docs_path = out / f"{index:05d}.jsonl.gz"
     tmp = docs_path.with_name(docs_path.name + ".tmp")
     out.mkdir(parents=True, exist_ok=True)
-    indices, exact, sigs = [], [], []
+    exact, sigs = [], []
     n = 0
     with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=3, mtime=0) as gz:
-        batch: list[Document] = []
+        batch: list[str] = []
         for doc in stream:
             gz.write((json.dumps(doc.to_json(), ensure_ascii=False, sort_keys=True) + "\n").encode())
-            batch.append(doc)
-            if len(batch) == 512:
-                sigs.append(hasher.signatures([d.text for d in batch]))
-                batch = []
-            indices.append(n)
-            exact.append(exact_hash(doc.text))
+            batch.append(doc.text)
             n += 1
-        if batch:
-            sigs.append(hasher.signatures([d.text for d in batch]))
+            if len(batch) == 512:
+                for parts, part in zip((exact, sigs), hasher.fingerprints(batch), strict=True):
+                    parts.append(part)
+                batch = []
+        for parts, part in zip((exact, sigs), hasher.fingerprints(batch), strict=True):
+            parts.append(part)  # the last batch, maybe empty (typed empty arrays)
     os.replace(tmp, docs_path)
-    sig = np.concatenate(sigs) if sigs else hasher.signatures([])
+    sig = np.concatenate(sigs)
+    indices = np.arange(n, dtype=np.int64)
     sig_path = out / f"{index:05d}.sig.npz"
     sig_tmp = out / f"{index:05d}.sig.tmp.npz"
-    np.savez(
-        sig_tmp, index=np.asarray(indices, dtype=np.int64), exact=np.asarray(exact, dtype=np.uint64), sig=sig
-    )
+    np.savez(sig_tmp, index=indices, exact=np.concatenate(exact), sig=sig)
     os.replace(sig_tmp, sig_path)
     stats = {
         "shard": index,
