@@ -120,6 +120,9 @@ def nonblank_lines(text: str) -> list[str]:
     return [line for line in map(str.strip, text.splitlines()) if line]
 
 
+_alpha_chars = functools.partial(map, str.isalpha)  # word -> is each character a letter
+
+
 def _check_range(lo: float | None, hi: float | None, what: str) -> None:
     if lo is not None and hi is not None and lo > hi:
         raise ValueError(f"{what}: minimum {lo} is above maximum {hi}")
@@ -295,7 +298,7 @@ class GopherQualityFilter(Filter):
         if self.min_alpha_words_ratio is not None:
             # Most words are all letters (one C call); only the rest need a character scan.
             alpha = sum(map(str.isalpha, words))
-            alpha += sum(1 for w in filterfalse(str.isalpha, words) if any(map(str.isalpha, w)))
+            alpha += sum(map(any, map(_alpha_chars, filterfalse(str.isalpha, words))))
             if alpha / n < self.min_alpha_words_ratio:
                 return False, "gopher_alpha_words"
 
