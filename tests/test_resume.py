@@ -121,14 +121,17 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_equal(tmp_path, tiny_data
 
     for tag in ("train/loss", "train/lr", "val/loss"):
         ref, got = all_scalars(tmp_path / "runs/full", tag), all_scalars(tmp_path / "runs/killed", tag)
+        assert set(got) <= set(ref), tag
+        missing = set(ref) - set(got)
         if tag == "val/loss":
             # Lightning does not redo a validation that was due at the step of the resumed checkpoint
             # (saved at the end of that training step, before the validation ran): at most that one is missing
-            assert set(got) <= set(ref) and len(ref) - len(got) <= 1, (sorted(ref), sorted(got))
+            assert len(missing) <= 1, (sorted(ref), sorted(got))
         else:
-            # every step logged (some twice: before the kill and after)
-            assert sorted(ref) == sorted(got), tag
-        for step, values in got.items():
+            # Lightning writes a step's checkpoint before it logs that step's metrics: a kill in between
+            # loses that one point (the step before the resumed one); every other step is logged
+            assert missing <= {killed_at - 1}, (tag, killed_at, sorted(missing))
+        for step, values in got.items():  # some twice: before the kill and after
             assert set(values) == set(ref[step]), (tag, step, values, ref[step])
     assert len(all_scalars(tmp_path / "runs/full", "train/loss")) == steps
 
