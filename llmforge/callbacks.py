@@ -291,7 +291,7 @@ class StabilityGuard(L.Callback):
             path = Path(ckpt.format_checkpoint_name({"step": torch.tensor(0)}))
             # rank 0 decides for all: a rank that saw rank 0's file appear would skip the collective save
             if not trainer.strategy.broadcast(path.exists(), src=0):
-                trainer.save_checkpoint(path)
+                trainer.save_checkpoint(path, weights_only=False)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if isinstance(batch, dict) and "index" in batch:

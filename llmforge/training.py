@@ -220,7 +220,7 @@ def save_last(trainer: L.Trainer, ckpt_dir: Path) -> Path:
     last = ckpt_dir / "last.ckpt"
     final = ckpt_dir / f"step{trainer.global_step:07d}.ckpt"
     if not trainer.strategy.broadcast(final.exists(), src=0):
-        trainer.save_checkpoint(final)
+        trainer.save_checkpoint(final, weights_only=False)
     trainer.strategy.barrier()
     if trainer.is_global_zero:
         copy_checkpoint(final, last)
