@@ -174,7 +174,14 @@ def process_shard(cfg: dict, work_dir: str, index: int, source: str | list[str])
     docs_path = out / f"{index:05d}.jsonl.gz"
     tmp = docs_path.with_name(docs_path.name + ".tmp")
     out.mkdir(parents=True, exist_ok=True)
-    exact, sigs = [], []
+    exact: list[np.ndarray] = []
+    sigs: list[np.ndarray] = []
+
+    def sign(texts: list[str]) -> None:
+        exact_hashes, signatures = hasher.fingerprints(texts)
+        exact.append(exact_hashes)
+        sigs.append(signatures)
+
     n = 0
     # level 1: intermediate files, read once by the later stages; ~30% less CPU than level 3, 9% larger
     with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
@@ -184,11 +191,9 @@ def process_shard(cfg: dict, work_dir: str, index: int, source: str | list[str])
             batch.append(doc.text)
             n += 1
             if len(batch) == 512:
-                for parts, part in zip((exact, sigs), hasher.fingerprints(batch), strict=True):
-                    parts.append(part)
+                sign(batch)
                 batch = []
-        for parts, part in zip((exact, sigs), hasher.fingerprints(batch), strict=True):
-            parts.append(part)  # the last batch, maybe empty (typed empty arrays)
+        sign(batch)  # the last batch, maybe empty (typed empty arrays)
     os.replace(tmp, docs_path)
     sig = np.concatenate(sigs)
     indices = np.arange(n, dtype=np.int64)
