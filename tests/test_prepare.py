@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from llmforge.data.shards import ShardSet
+from llmforge.prep.writers import split_score
 from tests.conftest import run_cli
 
 TEXTS = {
@@ -41,10 +42,14 @@ def test_prepare_text_files_then_skip_then_rebuild(tmp_path):
     again = run_cli("llmforge.prepare", *args, cwd=tmp_path, timeout=120)
     assert again.returncode == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*.done")} == markers
-    changed = run_cli("llmforge.prepare", *args[:-1], "val_fraction=0.5", cwd=tmp_path, timeout=120)
+    # a fraction that sends exactly one document to val (document ids are paths, so scores vary per tmp dir)
+    scores = sorted(split_score(str(tmp_path / "in" / name), text.strip()) for name, text in TEXTS.items())
+    fraction = (scores[0] + scores[1]) / 2
+    changed = run_cli("llmforge.prepare", *args[:-1], f"val_fraction={fraction}", cwd=tmp_path, timeout=120)
     assert changed.returncode == 0, changed.stderr
-    assert json.loads((out / "manifest.json").read_text())["config_hash"] != manifest["config_hash"]
-    assert json.loads((out / "manifest.json").read_text())["splits"]["val"]["documents"] > 0
+    rebuilt = json.loads((out / "manifest.json").read_text())
+    assert rebuilt["config_hash"] != manifest["config_hash"]
+    assert rebuilt["splits"]["val"]["documents"] == 1 and rebuilt["splits"]["train"]["documents"] == 3
 
 
 def test_prepare_reports_missing_input(tmp_path):

@@ -13,10 +13,15 @@ from llmforge.data.shards import TOKENIZER_FILE, SplitWriter, sha256_file, write
 from llmforge.prep.tokenizer import special_token_ids
 
 
+def split_score(doc_id: str, text: str) -> float:
+    """A document's place in [0, 1) for the train/val split: a hash of its id and text."""
+    digest = hashlib.sha256(f"{doc_id}\0{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def is_validation(doc_id: str, text: str, fraction: float) -> bool:
     """Deterministic split by content hash: the same document always lands in the same split."""
-    digest = hashlib.sha256(f"{doc_id}\0{text}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return split_score(doc_id, text) < fraction
 
 
 def batched(items: Iterable, n: int) -> Iterator[list]:
