@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llmforge.generate import generate_ids  # noqa: E402
+from llmforge.inference import generate_ids  # noqa: E402
 from llmforge.models.transformer import Transformer, TransformerConfig, num_params  # noqa: E402
 
 

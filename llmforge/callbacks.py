@@ -442,7 +442,9 @@ class StabilityGuard(L.Callback):
 
     def restore(self, trainer, path: Path) -> None:
         """Load the model and optimizer state of a checkpoint into the running trainer."""
-        checkpoint = trainer.strategy.load_checkpoint(path, weights_only=False)
+        from llmforge.checkpoints import strategy_load  # never runs code from the file
+
+        checkpoint = strategy_load(trainer.strategy, path)
         trainer.strategy.load_model_state_dict(checkpoint, strict=True)
         trainer.strategy.load_optimizer_state_dict(checkpoint)
 

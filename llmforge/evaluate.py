@@ -1,182 +1,24 @@
 """python -m llmforge.evaluate CKPT data=DIR: loss, perplexity and bits per byte of a checkpoint on shards.
 
-The numbers are the trainer's: the objective is rebuilt from the checkpoint's hyper-parameters and scores the
-split with its own collate function and loss, so MLM masking and span corruption use the same seeded draws
-(``data.seed``, the window indices of each batch) as the trainer's validation, on the same windows
-(``PackedWindows`` of ``data.seq_len``, in order), in batches of the run's ``data.batch_size`` (read from the
-run's ``config.yaml`` next to ``checkpoints/``; ``data.batch_size=`` overrides; it matters for MLM and
-denoising, whose draws are seeded per batch).
-
-Weighting, as the trainer's ``val/loss`` (a ``MeanMetric`` of each batch's mean loss weighted by its scored
-tokens): the mean over all scored tokens of the split. Scored tokens are the next-token targets (clm), the
-selected tokens (mlm), the target tokens (denoise: spans, sentinels and EOS). ``ppl = exp(loss)``.
-Bits per byte: ``bpb = total nats / ln 2 / total UTF-8 bytes of the scored tokens``; each token's byte count
-comes from the byte-level vocabulary (special tokens, EOS included, count 0 bytes, so their nats are charged
-to the text around them). For clm this is the usual tokenizer-independent figure; for mlm and denoise it is
-over the masked / target tokens only.
-
-``trainer.limit_val_batches=N`` (or ``--limit-batches N``) scores the first N batches, as the trainer's
-validation does; by default the whole split. (A run validated on N ranks scored each rank's contiguous
-share of the windows, ``len // N`` each, in its own batches: its ``val/loss`` can differ slightly from this
-one-process figure.) A JSON file holds the result (``--out``; default
-``<run dir>/eval/<checkpoint>-<split>.json``).
+The numbers are the trainer's (see `llmforge.evaluation`): the objective module is rebuilt from the
+checkpoint (`llmforge.checkpoints.load_module`) and scores the split with its own collate function and loss,
+in batches of the run's ``data.batch_size`` (from the run's ``config.yaml``; ``data.batch_size=``
+overrides). ``trainer.limit_val_batches=N`` (or ``--limit-batches N``) scores the first N batches. A JSON
+file holds the result (``--out``; default ``<run dir>/eval/<checkpoint>-<split>.json``). A checkpoint that
+holds anything but tensors and plain data is refused with one line (it could run code).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from llmforge.data.dataset import PackedWindows
-from llmforge.data.shards import TOKENIZER_FILE, ShardSet, read_manifest
-from llmforge.generate import checkpoint_file, model_weights, objective_of
-
-IGNORE_INDEX = -100
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
-
-
-def objective_class(objective: str) -> type:
-    from llmforge.objectives.clm import CausalLM
-    from llmforge.objectives.denoise import Denoise
-    from llmforge.objectives.mlm import MaskedLM
-
-    return {"clm": CausalLM, "mlm": MaskedLM, "denoise": Denoise}[objective]
-
-
-def load_module(ckpt_path: str | Path, data_path: str | Path | None = None, seq_len: int | None = None):
-    """The checkpoint's objective module (eval mode) with its weights; ``data_path``/``seq_len`` replace
-    the recorded ``data.path``/``data.seq_len`` (the masking seed stays the run's ``data.seed``)."""
-    file = checkpoint_file(ckpt_path)
-    ckpt = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
-    if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ValueError(f"{file} lacks 'state_dict' or 'hyper_parameters': not a Lightning checkpoint")
-    hparams = dict(ckpt["hyper_parameters"])
-    hparams["data"] = dict(hparams.get("data") or {})
-    if data_path is not None:
-        hparams["data"]["path"] = str(data_path)
-        hparams["data"]["vocab_size"] = read_manifest(data_path)["vocab_size"]
-    if seq_len is not None:
-        hparams["data"]["seq_len"] = int(seq_len)
-    module = objective_class(objective_of(hparams, ckpt["state_dict"]))(**hparams)
-    module.model.load_state_dict(model_weights(ckpt["state_dict"]), strict=True)
-    return module.eval()
-
-
-def token_bytes(tokenizer_path: str | Path, size: int) -> np.ndarray:
-    """UTF-8 bytes of each id of a byte-level BPE vocabulary (each character of a token stands for one
-    byte); special (added) tokens and ids past the vocabulary count 0."""
-    from tokenizers import Tokenizer, pre_tokenizers
-
-    tok = Tokenizer.from_file(str(tokenizer_path))
-    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
-    added = {t.content for t in tok.get_added_tokens_decoder().values()}
-    table = np.zeros(size, dtype=np.int64)
-    for token, i in tok.get_vocab(with_added_tokens=True).items():
-        if i >= size or token in added:
-            continue
-        if all(c in alphabet for c in token):
-            table[i] = len(token)
-        else:  # not byte-level: decode the token alone
-            table[i] = len(tok.decode([i]).encode("utf-8"))
-    return table
-
-
-def run_config(file: Path) -> dict:
-    """The run's resolved config (``<run dir>/config.yaml``) when the checkpoint sits in a run dir."""
-    for candidate in (file.parent.parent / "config.yaml", file.parent / "config.yaml"):
-        if candidate.is_file():
-            from omegaconf import OmegaConf
-
-            return OmegaConf.to_container(OmegaConf.load(candidate), resolve=False)
-    return {}
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision == "bf16-mixed":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "16-mixed":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def evaluate(
-    module,
-    data_path: str | Path,
-    *,
-    split: str = "val",
-    batch_size: int = 8,
-    limit_batches: int | None = None,
-    device: str | torch.device = "cpu",
-    precision: str = "32-true",
-    progress: bool = True,
-) -> dict:
-    """Score ``split`` of the shard set at ``data_path`` with the module's own collate and loss."""
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
-    data_path = Path(data_path)
-    manifest = read_manifest(data_path)
-    if split not in manifest["splits"]:
-        raise ValueError(f"data={data_path} has no split {split!r} (it has {sorted(manifest['splits'])})")
-    seq_len = int(module.data_info["seq_len"])
-    windows = PackedWindows(ShardSet.open(data_path, split), seq_len)
-    loader = DataLoader(windows, batch_size=batch_size, collate_fn=module.collate_fn())
-    n_batches = len(loader) if not limit_batches else min(limit_batches, len(loader))
-    if n_batches == 0:
-        raise ValueError(f"split {split!r} of {data_path} holds no window of data.seq_len={seq_len}")
-    device = torch.device(device)
-    module.to(device)
-    if precision == "bf16-true":
-        module.to(torch.bfloat16)
-    nbytes = token_bytes(data_path / TOKENIZER_FILE, module.model_cfg.vocab_size)
-    nats, tokens, total_bytes, extra_sums = 0.0, 0, 0, {}
-    start = time.perf_counter()
-    bar = tqdm(total=n_batches, desc=f"eval {split}", unit="batch", disable=not progress, file=sys.stderr)
-    for i, batch in enumerate(loader):
-        if i == n_batches:
-            break
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with _autocast(precision, device):
-            loss, n, extra = module.loss(batch)
-        nats += float(loss) * n
-        tokens += n
-        for key in module.metric_names:
-            extra_sums[key] = extra_sums.get(key, 0.0) + float(extra[key]) * n
-        labels = batch["labels"]
-        total_bytes += int(nbytes[labels[labels != IGNORE_INDEX].cpu().numpy()].sum())
-        bar.update(1)
-        bar.set_postfix(loss=f"{nats / max(tokens, 1):.4f}")
-    bar.close()
-    if tokens == 0:
-        raise ValueError("no token was scored")
-    mean = nats / tokens
-    result = {
-        "loss": mean,
-        "ppl": math.exp(min(mean, 30.0)),  # the trainer clamps at 30 too
-        "bpb": nats / math.log(2) / total_bytes if total_bytes else None,
-        **{key: value / tokens for key, value in extra_sums.items()},
-        "tokens_scored": tokens,
-        "bytes": total_bytes,
-        "batches": n_batches,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
-        "split": split,
-        "data": str(data_path),
-        "precision": precision,
-        "seconds": time.perf_counter() - start,
-    }
-    return result
+from llmforge.checkpoints import checkpoint_file, load_module
+from llmforge.evaluation import PRECISIONS, evaluate, run_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,8 +5,9 @@
   ``tokenizer.json``, the tokenizer files ``PreTrainedTokenizerFast`` / ``AutoTokenizer`` load.
 - `from_hf(dir)` -> (`TransformerConfig`, state dict in llmforge's names): a local Llama directory
   (``model.safetensors``, sharded ``model.safetensors.index.json`` or ``pytorch_model.bin``).
-- `load_checkpoint(path)` reads an llmforge (Lightning or consolidated) ``.ckpt``; `init_from` loads either
-  into a freshly built module (``python -m llmforge.train init_from=...``: continued pre-training).
+
+Reading llmforge's own checkpoints (and ``init_from=``, ``python -m llmforge.export``) is
+`llmforge.checkpoints`; this module only converts between the two formats.
 
 The layouts agree without any permutation: llmforge applies RoPE in Llama's "rotate half" layout
 (`llmforge.models.transformer.apply_rope`: the first and second halves of each head are the pairs) with
@@ -33,8 +34,6 @@ from llmforge.models.transformer import TransformerConfig
 # llmforge's tokenizer (llmforge.prep.tokenizer): name in the shard manifest -> token text
 SPECIAL_TEXT = {"pad": "<pad>", "unk": "<unk>", "bos": "<bos>", "eos": "<eos>", "mask": "<mask>"}
 LLMFORGE_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4}
-# wrappers that torch.compile and activation checkpointing put into parameter names
-WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
 # -- names and shapes --------------------------------------------------------------------------------------
@@ -263,108 +262,7 @@ def _read_weights(d: Path) -> dict[str, torch.Tensor]:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return {k: v for f in files for k, v in load_file(str(d / f)).items()}
     if (d / "pytorch_model.bin").is_file():
-        return torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        from llmforge.checkpoints import safe_load  # weights_only: a refused file is named in one line
+
+        return safe_load(d / "pytorch_model.bin")
     raise FileNotFoundError(f"{d}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
-
-
-def load_checkpoint(path: str | Path) -> tuple[TransformerConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """An llmforge .ckpt (Lightning's, or consolidated) -> (model config, model state dict without the
-    ``model.`` prefix, hyper_parameters)."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / ".metadata").is_file() or (p / "meta.pt").is_file():
-            raise ValueError(
-                f"{p} is a sharded (FSDP) checkpoint directory: consolidate it first, "
-                f"python -m llmforge.consolidate {p} <out.ckpt>"
-            )
-        raise ValueError(
-            f"{p}: neither a checkpoint file nor a Hugging Face model directory (no config.json)"
-        )
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such checkpoint")
-    ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
-    if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ValueError(f"{p}: not an llmforge checkpoint (no state_dict / hyper_parameters)")
-    hp = dict(ckpt["hyper_parameters"])
-    cfg = TransformerConfig(**dict(hp["model"]))
-    sd = {}
-    for key, value in ckpt["state_dict"].items():
-        if not key.startswith("model."):
-            continue  # metrics' state
-        key = key.removeprefix("model.")
-        for prefix in WRAPPER_PREFIXES:
-            key = key.replace(prefix, "")
-        sd[key] = value
-    return cfg, sd, hp
-
-
-def checkpoint_objective(hp: Mapping[str, Any]) -> str:
-    return str(hp.get("name") or "clm")
-
-
-# -- continued pre-training -------------------------------------------------------------------------------
-SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "hidden", "tie_embeddings")
-SEMANTIC_KEYS = ("rope_theta", "norm_eps")
-
-
-def init_from(module: nn.Module, source: str | Path) -> str:
-    """Load weights into ``module.model`` (a freshly built objective module) from a Hugging Face Llama
-    directory or an llmforge checkpoint; a shape mismatch raises ValueError naming both shapes.
-    Returns a one-line description of what was loaded."""
-    from llmforge.models.transformer import EncoderDecoder
-
-    net = module.model
-    src = Path(source)
-    keys = SHAPE_KEYS
-    if src.is_dir() and (src / "config.json").is_file():
-        if isinstance(net, EncoderDecoder):
-            raise ValueError(
-                f"init_from={source}: a Llama checkpoint has no encoder-decoder (objective=denoise)"
-            )
-        cfg, sd = from_hf(src)
-        kind = "Hugging Face Llama"
-    else:
-        cfg, sd, hp = load_checkpoint(src)
-        kind = f"llmforge checkpoint (objective={checkpoint_objective(hp)})"
-        if isinstance(net, EncoderDecoder):
-            keys = (*SHAPE_KEYS, "decoder_layers")
-    _check_shapes(net.cfg, cfg, source, keys)
-    ours = net.state_dict()
-    extra = sorted(set(sd) - set(ours))
-    lacking = sorted(set(ours) - set(sd))
-    if extra or lacking:
-        raise ValueError(
-            f"init_from={source} ({kind}) does not fit this run's {type(net).__name__}: "
-            f"missing {lacking[:4]}, unexpected {extra[:4]}"
-        )
-    for key, value in sd.items():
-        if ours[key].shape != value.shape:
-            raise ValueError(
-                f"init_from={source}: {key} has shape {tuple(value.shape)} there, "
-                f"{tuple(ours[key].shape)} here"
-            )
-    net.load_state_dict({k: v.to(ours[k].dtype) for k, v in sd.items()})
-    return f"{kind} {source}"
-
-
-def _check_shapes(
-    ours: TransformerConfig, theirs: TransformerConfig, source: Any, keys: tuple[str, ...]
-) -> None:
-    diff = [k for k in (*keys, *SEMANTIC_KEYS) if getattr(ours, k) != getattr(theirs, k)]
-    if diff:
-        here = ", ".join(f"{k}={getattr(ours, k)}" for k in diff)
-        there = ", ".join(f"{k}={getattr(theirs, k)}" for k in diff)
-        fix = " ".join(f"model.{_override_key(k)}={_override_value(theirs, k)}" for k in diff)
-        raise ValueError(
-            f"init_from={source}: the model differs: this run has {here}; the source has {there} "
-            f"(to match it: {fix})"
-        )
-
-
-def _override_key(key: str) -> str:
-    return {"kv_heads": "n_kv_heads", "hidden": "ffn_hidden"}.get(key, key)
-
-
-def _override_value(cfg: TransformerConfig, key: str) -> Any:
-    value = getattr(cfg, key)
-    return str(value).lower() if isinstance(value, bool) else value

@@ -29,7 +29,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from llmforge.generate import LoadedModel, Sampling, fill_mask, fill_spans, generate_text
+from llmforge.checkpoints import LoadedModel
+from llmforge.inference import Sampling, fill_mask, fill_spans, generate_text
 from llmforge.models.transformer import Encoder, EncoderDecoder, Transformer
 
 log = logging.getLogger(__name__)

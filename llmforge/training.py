@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmforge import slurm
 from llmforge.callbacks import DivergenceError, RunManifest, StabilityGuard
+from llmforge.checkpoints import verify_for_resume
 from llmforge.config import validate
 from llmforge.data.datamodule import ShardDataModule
 from llmforge.data.shards import read_manifest
@@ -237,12 +238,14 @@ def run(cfg: DictConfig) -> RunResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data_manifest = read_manifest(cfg.data.path)
     ckpt_path = resolve_resume(cfg, ckpt_dir)
+    if ckpt_path is not None:  # a checkpoint never runs code: refused with one line before Lightning reads it
+        verify_for_resume(ckpt_path)
 
     module = build_module(cfg, data_manifest)
     if cfg.init_from and ckpt_path is None:  # continued pre-training; a resumed run has its own weights
         from lightning.pytorch.utilities import rank_zero_info
 
-        from llmforge.hf import init_from
+        from llmforge.checkpoints import init_from
 
         rank_zero_info(f"init_from: loaded {init_from(module, cfg.init_from)}")
     datamodule = ShardDataModule(
@@ -285,7 +288,7 @@ def run(cfg: DictConfig) -> RunResult:
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     guard = next((c for c in trainer.callbacks if isinstance(c, StabilityGuard)), None)
     if guard is not None and guard.stop_reason:
         stopped_by_guard(trainer, guard, ckpt_dir)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from llmforge.evaluate import evaluate, load_module, main, token_bytes
+from llmforge.checkpoints import load_module
+from llmforge.evaluate import main
+from llmforge.evaluation import evaluate, token_bytes
 from llmforge.training import run
 
 

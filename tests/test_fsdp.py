@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 
-from llmforge.consolidate import consolidate, index_optimizer_state, load_sharded
+from llmforge.checkpoints import consolidate, index_optimizer_state, load_sharded
 from llmforge.models.transformer import Transformer, TransformerConfig
 from llmforge.objectives.base import checkpoint_activations, fsdp_mixed_precision
 from llmforge.objectives.clm import CausalLM

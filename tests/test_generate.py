@@ -12,16 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmforge.generate import (
-    LoadedModel,
+from llmforge.checkpoints import LoadedModel, load_model
+from llmforge.generate import main
+from llmforge.inference import (
     Sampling,
     decode_ids,
     fill_mask,
     fill_spans,
     generate_ids,
     generate_text,
-    load_model,
-    main,
     next_tokens,
     split_spans,
 )

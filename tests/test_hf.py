@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from llmforge.checkpoints import load_checkpoint
 from llmforge.export import main as export_main
-from llmforge.hf import from_hf, load_checkpoint, to_hf
+from llmforge.hf import from_hf, to_hf
 from llmforge.models.transformer import Transformer, TransformerConfig
 from llmforge.training import run
 
@@ -243,7 +244,7 @@ def test_init_from_mismatch_names_both_shapes(train_cfg, tmp_path):
 @pytest.mark.slow
 def test_init_from_hf_under_fsdp_then_consolidate_and_export(tmp_path, tiny_data):
     """Two FSDP ranks start from a Hugging Face Llama; the consolidated checkpoint exports back to it."""
-    from llmforge.consolidate import consolidate
+    from llmforge.checkpoints import consolidate
     from tests.conftest import run_cli
 
     hf = hf_tiny(tmp_path / "llama")
