@@ -150,13 +150,15 @@ def _dcp_classes() -> tuple[type, type]:
             super().__init__(**kwargs)
             self.directory = directory
             self.items: dict[str, Any] = {}
+            self.refused: str | None = None  # DCP wraps what a planner raises: kept here too
 
         def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
             fqn = read_item.dest_index.fqn
             try:
                 self.items[fqn] = torch.load(value, weights_only=True)
             except pickle.UnpicklingError as err:
-                raise CheckpointRefused(refusal(self.directory / f"[{fqn}]", err)) from None
+                self.refused = refusal(self.directory, err).replace(": refused", f" (item {fqn}): refused", 1)
+                raise CheckpointRefused(self.refused) from None
 
     return SafeFileSystemReader, SafeLoadPlanner
 
@@ -168,9 +170,17 @@ def _read_dcp(directory: Path, flat: dict[str, Any], partial: bool = False) -> d
 
     reader, planner_class = _dcp_classes()
     planner = planner_class(directory, allow_partial_load=partial)
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.load(flat, storage_reader=reader(directory), planner=planner)
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load(flat, storage_reader=reader(directory), planner=planner)
+    except dcp.CheckpointException as err:  # what failed on some rank, wrapped with its traceback
+        if planner.refused is not None:
+            raise CheckpointRefused(planner.refused) from None
+        failure = next(iter(err.failures.values()), err)
+        failure = getattr(failure, "exception", failure)
+        why = f"{type(failure).__name__}: {failure}"
+        raise ValueError(f"{directory}: unreadable sharded checkpoint ({why})") from None
     return planner.items
 
 
