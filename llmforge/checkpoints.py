@@ -61,6 +61,8 @@ def safe_load(path: str | os.PathLike, *, mmap: bool = True) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise CheckpointRefused(refusal(path, err)) from None
+    except FileNotFoundError:
+        raise
     except (RuntimeError, EOFError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a readable checkpoint ({first})") from None
