@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from llmforge.models.transformer import TransformerConfig
+from llmforge.models.config import TransformerConfig
 
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true")
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -168,9 +168,13 @@ class DedupConfig:
 
 @dataclass
 class ExecutorConfig:
-    name: str = "local"  # local | slurm
-    workers: int = 2
+    name: str = "local"  # local | slurm | ray
+    workers: int = 2  # local: worker processes; ray without an address: CPUs of the Ray started here
     slurm: dict[str, Any] = field(default_factory=dict)  # submitit parameters
+    address: str | None = None  # ray: a cluster's host:port, or "auto"; null: start Ray here (ray.init())
+    max_retries: int = 3  # ray: reruns of a task whose worker process died (a raised error is not retried)
+    cpus_per_task: float = 1.0  # ray: CPUs reserved per task
+    runtime_env: dict[str, Any] = field(default_factory=dict)  # ray: runtime_env for ray.init
 
 
 @dataclass
@@ -188,6 +192,7 @@ class PrepareConfig:
     val_fraction: float = 0.02
     shard_tokens: int = 1 << 26
     dropped_samples: int = 50  # per step and reason, in output_dir/dropped/
+    keep_downloads: bool = False  # keep downloaded crawl files once their shard's process stage is done
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     progress: bool = True
 

@@ -1,4 +1,5 @@
-"""python -m llmforge.prepare [pipeline=web|text] [executor=local|slurm] [key=value ...]   (conf/prepare.yaml)
+"""python -m llmforge.prepare [pipeline=web|text] [executor=local|slurm|ray] [key=value ...]
+(conf/prepare.yaml)
 
 Crawl files (WARC/WET), text files or the embedded demo crawl -> extract, clean, filter, deduplicate ->
 BPE tokenizer -> train/val token shards with a manifest, a funnel report and samples of what was dropped.
@@ -15,6 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llmforge.config import register
+from llmforge.prep.task import TaskFailed
 
 register()
 DEMO_CRAWL = Path("data/demo-crawl")
@@ -41,7 +43,7 @@ def prepare(cfg: DictConfig) -> dict:
 
     plain = OmegaConf.to_container(cfg, resolve=True)
     out = Path(plain["output_dir"])
-    executor = make_executor(plain.pop("executor"), out / "work", progress=plain.pop("progress"))
+    executor = make_executor(plain.pop("executor"), out, progress=plain.pop("progress"))
     manifest = run_pipeline(plain, resolve_inputs(plain), out, executor)
     print((out / "report.md").read_text())
     print(f"dataset    {out}   (manifest.json, report.md, stats.json, dropped/)")
@@ -52,7 +54,7 @@ def prepare(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         prepare(cfg)
-    except (ValueError, FileNotFoundError, TypeError, OSError) as err:
+    except (ValueError, FileNotFoundError, TypeError, OSError, TaskFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 from llmforge.data.shards import ShardSet
 from llmforge.prep.writers import split_score
-from tests.conftest import run_cli
+from tests.conftest import clean_env, run_cli
 
 TEXTS = {
     "a.txt": "The quick brown fox jumps over the lazy dog. " * 40,
@@ -63,3 +66,57 @@ def test_prepare_reports_missing_input(tmp_path):
     )
     assert proc.returncode == 2 and "matches no file" in proc.stderr
     assert not (tmp_path / "ds").exists()
+
+
+# Loaded by every Python process of the run (sitecustomize on PYTHONPATH): records each process that imports
+# the data stage's pipeline, and the stack of any import of torch or Lightning.
+WATCH_IMPORTS = """
+import os, sys, traceback
+from pathlib import Path
+
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "lightning", "pytorch_lightning"):
+            stack = "".join(traceback.format_stack())
+            Path(os.environ["WATCH_DIR"], f"heavy-{os.getpid()}").write_text(name + "\\n" + stack)
+        if name == "llmforge.prep.pipeline":
+            Path(os.environ["WATCH_DIR"], f"pipeline-{os.getpid()}").touch()
+        return None
+
+sys.meta_path.insert(0, Watch())
+"""
+
+
+def test_data_stage_never_imports_torch_or_lightning(tmp_path):
+    """Driver and spawned workers: the data stage starts without torch (~1 s per process saved); a no-op
+    rerun starts no worker at all."""
+    for name, text in TEXTS.items():
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_text(text)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(WATCH_IMPORTS)
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmforge.prepare",
+        "pipeline=text",
+        "progress=false",
+        f"input={tmp_path}/in/**/*.txt",
+        f"output_dir={tmp_path}/ds",
+        "files_per_shard=2",  # two shards ...
+        "executor.workers=2",  # ... on two spawned workers per stage
+        "tokenizer.vocab_size=400",
+        "tokenizer.num_sentinels=4",
+    ]
+    env = clean_env()
+    env["PYTHONPATH"] = f"{hook}{os.pathsep}{env['PYTHONPATH']}"
+    for run, workers in (("first", 2 + 2), ("rerun", 0)):  # a process and a tokenize worker per shard
+        watch = tmp_path / run
+        watch.mkdir()
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env | {"WATCH_DIR": str(watch)}, capture_output=True,
+                              text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        heavy = [p.read_text() for p in watch.glob("heavy-*")]
+        assert not heavy, heavy[0]
+        assert len(list(watch.glob("pipeline-*"))) == 1 + workers  # the driver and its workers

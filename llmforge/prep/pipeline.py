@@ -36,6 +36,7 @@ import numpy as np
 from llmforge.data.shards import MANIFEST, TOKENIZER_FILE, SplitWriter, sha256_file, write_manifest
 from llmforge.prep.document import Document
 from llmforge.prep.step import PipelineStep, StepStats
+from llmforge.prep.task import Meter
 
 WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".arc.gz")
 
@@ -151,23 +152,39 @@ def process_hash(cfg: dict, source: str | list[str]) -> str:
     return digest({k: cfg.get(k) for k in keys}, dedup, fingerprint(source))
 
 
+def process_cached(cfg: dict, work_dir: str, index: int, source: str | list[str]) -> dict | None:
+    """The shard's stats if its process output is done for this config and input, else None."""
+    out = Path(work_dir) / "process"
+    if marker_ok(out / f"{index:05d}.done", process_hash(cfg, source)):
+        return json.loads((out / f"{index:05d}.stats.json").read_text())
+    return None
+
+
+def documents_read(stats: dict) -> int:
+    """Documents that entered a shard's steps (for documents/s)."""
+    return stats["steps"][0]["docs_in"] if stats["steps"] else stats["kept"]
+
+
 def process_shard(cfg: dict, work_dir: str, index: int, source: str | list[str]) -> dict:
     from llmforge.prep.readers import download
 
+    if (done := process_cached(cfg, work_dir, index, source)) is not None:
+        return done
     work = Path(work_dir)
     out = work / "process"
     h = process_hash(cfg, source)
     stats_path = out / f"{index:05d}.stats.json"
-    if marker_ok(out / f"{index:05d}.done", h):
-        return json.loads(stats_path.read_text())
     start, cpu_start = time.perf_counter(), time.process_time()
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
+    downloaded = isinstance(source, str) and source.startswith(("http://", "https://"))
+    if downloaded:
         local = str(download(source, work / "downloads" / f"{index:05d}-{Path(source).name}"))
     else:
         local = source
     reader_stats: dict = {}
     steps = build_steps(cfg)
+    counter = Meter(f"process {index:05d}", unit="docs")
     stream: Iterable[Document] = source_documents(local, cfg.get("reader") or {}, reader_stats)
+    stream = counter.counted(stream)
     for step in steps:
         stream = step.run(stream, rank=index)
     hasher = make_hasher(cfg["dedup"])
@@ -210,9 +227,12 @@ def process_shard(cfg: dict, work_dir: str, index: int, source: str | list[str])
         "seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - cpu_start,  # this process, all its threads
     }
+    counter.close()
     write_json(out / f"{index:05d}.dropped.json", {s.name: s.stats.samples for s in steps})
     write_json(stats_path, stats)
     write_marker(out / f"{index:05d}.done", h)
+    if downloaded and not cfg.get("keep_downloads", False):  # the shard's outputs hold what later stages need
+        Path(local).unlink(missing_ok=True)
     return stats
 
 
@@ -282,23 +302,36 @@ def kept_documents(work: Path, index: int, drop: np.ndarray) -> Iterator[Documen
 # -- stage 3: tokenizer (global) ------------------------------------------------------------------
 
 
+def tokenizer_hash(cfg: dict, work: Path) -> str:
+    return digest(cfg["tokenizer"], json.loads((work / "dedup" / "dedup.done").read_text())["hash"])
+
+
+def tokenizer_cached(cfg: dict, work_dir: str, n_shards: int) -> str | None:
+    work = Path(work_dir)
+    done = marker_ok(work / "tokenizer" / "tokenizer.done", tokenizer_hash(cfg, work))
+    return str(work / "tokenizer" / TOKENIZER_FILE) if done else None
+
+
 def tokenizer_stage(cfg: dict, work_dir: str, n_shards: int) -> str:
     from llmforge.prep.tokenizer import train_bpe
 
+    if (done := tokenizer_cached(cfg, work_dir, n_shards)) is not None:
+        return done
     work = Path(work_dir)
     t = cfg["tokenizer"]
-    h = digest(t, json.loads((work / "dedup" / "dedup.done").read_text())["hash"])
+    h = tokenizer_hash(cfg, work)
     out = work / "tokenizer"
     path = out / TOKENIZER_FILE
-    if marker_ok(out / "tokenizer.done", h):
-        return str(path)
     drop = load_drop(work)
     fraction, budget = float(t.get("sample_fraction", 1.0)), int(t.get("sample_chars", 200_000_000))
+    stats = [work / "process" / f"{i:05d}.stats.json" for i in range(n_shards)]
+    kept = sum(json.loads(p.read_text())["kept"] for p in stats)
+    progress = Meter("tokenizer: sample", total=kept - drop.size, unit="docs")
 
     def sample() -> Iterator[str]:
         used = 0
         for i in range(n_shards):
-            for doc in kept_documents(work, i, drop):
+            for doc in progress.counted(kept_documents(work, i, drop)):
                 if used >= budget:
                     return
                 if fraction >= 1.0 or hashed_fraction(doc.id) < fraction:
@@ -308,6 +341,7 @@ def tokenizer_stage(cfg: dict, work_dir: str, n_shards: int) -> str:
     tok = train_bpe(
         sample(), int(t["vocab_size"]), int(t.get("num_sentinels", 100)), int(t.get("min_frequency", 2))
     )
+    progress.close()
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "tokenizer.tmp.json"
     tok.save(str(tmp))
@@ -327,20 +361,31 @@ def load_tokenizer(path: str, mtime_ns: int):
     return Tokenizer.from_file(path)
 
 
-def tokenize_shard(cfg: dict, work_dir: str, out_dir: str, index: int) -> dict:
-    from llmforge.prep.tokenizer import special_token_ids
-    from llmforge.prep.writers import encode_into
-
-    work, out = Path(work_dir), Path(out_dir)
-    tok_path = work / "tokenizer" / TOKENIZER_FILE
+def tokenize_hash(cfg: dict, work: Path, index: int) -> str:
     upstream = [
         json.loads((work / p).read_text())["hash"]
         for p in (f"process/{index:05d}.done", "dedup/dedup.done", "tokenizer/tokenizer.done")
     ]
-    h = digest({k: cfg.get(k) for k in ("val_fraction", "shard_tokens")}, upstream)
+    return digest({k: cfg.get(k) for k in ("val_fraction", "shard_tokens")}, upstream)
+
+
+def tokenize_cached(cfg: dict, work_dir: str, out_dir: str, index: int) -> dict | None:
+    work = Path(work_dir)
+    if marker_ok(work / "tokenize" / f"{index:05d}.done", tokenize_hash(cfg, work, index)):
+        return json.loads((work / "tokenize" / f"{index:05d}.json").read_text())
+    return None
+
+
+def tokenize_shard(cfg: dict, work_dir: str, out_dir: str, index: int) -> dict:
+    from llmforge.prep.tokenizer import special_token_ids
+    from llmforge.prep.writers import encode_into
+
+    if (done := tokenize_cached(cfg, work_dir, out_dir, index)) is not None:
+        return done
+    work, out = Path(work_dir), Path(out_dir)
+    tok_path = work / "tokenizer" / TOKENIZER_FILE
+    h = tokenize_hash(cfg, work, index)
     summary_path = work / "tokenize" / f"{index:05d}.json"
-    if marker_ok(work / "tokenize" / f"{index:05d}.done", h):
-        return json.loads(summary_path.read_text())
     start, cpu_start = time.perf_counter(), time.process_time()
     tok = load_tokenizer(str(tok_path), tok_path.stat().st_mtime_ns)
     specials = special_token_ids(tok)
@@ -352,8 +397,10 @@ def tokenize_shard(cfg: dict, work_dir: str, out_dir: str, index: int) -> dict:
         )
         for split in ("train", "val")
     }
-    docs = ((d.id, d.text) for d in kept_documents(work, index, load_drop(work)))
+    counter = Meter(f"tokenize {index:05d}", unit="docs")
+    docs = ((d.id, d.text) for d in counter.counted(kept_documents(work, index, load_drop(work))))
     count = encode_into(writers, docs, tok, float(cfg["val_fraction"]))
+    counter.close()
     summary = {split: w.summary() for split, w in writers.items()}
     summary["seconds"] = time.perf_counter() - start
     summary["cpu_seconds"] = time.process_time() - cpu_start
@@ -524,11 +571,19 @@ def run_pipeline(cfg: dict, inputs: list[str], out_dir: Path, executor) -> dict:
         (out / MANIFEST).unlink()  # the manifest marks a complete dataset: remove it while we change it
     n = len(sources)
     process_stats = executor.map(
-        process_shard, [(cfg, str(work), i, s) for i, s in enumerate(sources)], label="process"
+        process_shard,
+        [(cfg, str(work), i, s) for i, s in enumerate(sources)],
+        label="process",
+        cached=process_cached,
+        count=documents_read,
     )
     dedup = executor.run(dedup_stage, cfg, str(work), n, label="dedup")
-    executor.run(tokenizer_stage, cfg, str(work), n, label="tokenizer")
+    executor.run(tokenizer_stage, cfg, str(work), n, label="tokenizer", cached=tokenizer_cached)
     tokenize = executor.map(
-        tokenize_shard, [(cfg, str(work), str(out), i) for i in range(n)], label="tokenize"
+        tokenize_shard,
+        [(cfg, str(work), str(out), i) for i in range(n)],
+        label="tokenize",
+        cached=tokenize_cached,
+        count=lambda summary: summary["documents_in"],
     )
     return finalize(cfg, work, out, process_stats, dedup, tokenize, sources)
