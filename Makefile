@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # The project's machines keep a CPU build of torch on disk; elsewhere pip resolves torch from PyPI.
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: venv demo test test-fast lint bench clean slurm-up slurm-down
+.PHONY: venv demo test test-fast lint bench clean slurm-up slurm-down ray-up ray-down
 
 venv: $(VENV)/.installed
 
@@ -36,6 +36,13 @@ slurm-up:
 
 slurm-down:
 	.ci/slurm-down.sh
+
+# A real single-node Ray head on this machine (address in /tmp/llmforge-ray/address): the tests marked `ray` run.
+ray-up: venv
+	RAY=$(BIN)/ray .ci/ray-up.sh
+
+ray-down:
+	.ci/ray-down.sh
 
 lint: venv
 	$(BIN)/ruff check .
