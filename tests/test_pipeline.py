@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -137,6 +140,40 @@ def test_sigkill_at_any_point_then_rerun_gives_identical_bytes(crawl, tmp_path):
     )
     assert final.returncode == 0, final.stderr[-3000:]
     assert outputs(out) == expected
+
+
+@pytest.fixture
+def served(crawl):
+    """The crawl over loopback HTTP; yields the base URL and the list of paths requested."""
+    requests: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, fmt, *args):
+            requests.append(self.path)
+
+    handler = functools.partial(Handler, directory=str(crawl))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", requests
+    httpd.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep", [False, True])
+def test_downloads_are_deleted_once_their_shard_is_processed(crawl, served, tmp_path, keep):
+    base, requests = served
+    name = sorted(crawl.glob("*.warc.gz"))[0].name
+    out = tmp_path / "ds"
+    args = [f"input='{base}/{name}'", *prepare_args(crawl, out)[1:], f"keep_downloads={keep}"]
+    proc = run_cli("llmforge.prepare", *args, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["documents"] > 0
+    assert requests == [f"/{name}"]
+    kept = [p.name for p in (out / "work" / "downloads").iterdir()]
+    assert kept == ([f"00000-{name}"] if keep else [])
+    again = run_cli("llmforge.prepare", *args, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0 and requests == [f"/{name}"]  # the shard is done: not fetched again
 
 
 def test_funnel_report_shows_step_counters():

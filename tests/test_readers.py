@@ -226,7 +226,8 @@ def test_decode_html_prefers_header_then_meta():
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves files with Range support; the first full request for *.flaky is cut off half way."""
+    """Serves files with Range support; the first full request for *.flaky is cut off half way. A range
+    past the end is a 416 with the file's length (``Content-Range: bytes */N``), without it for *.nolength."""
 
     cut_once: set[str] = set()
 
@@ -243,6 +244,13 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         rng = self.headers.get("Range")
         if rng:
             start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                if path.suffix != ".nolength":
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
@@ -278,6 +286,22 @@ def test_download_resumes_a_cut_transfer(server, tmp_path):
     out = download(f"{base}/big.flaky", tmp_path / "dl" / "big", retries=3, backoff=0.01)
     assert out.read_bytes() == payload
     assert not (tmp_path / "dl" / "big.part").exists()
+
+
+@pytest.mark.parametrize("name", ["file.warc.gz", "file.nolength"])  # the length from the 416, or a HEAD
+def test_http_416_is_complete_only_when_the_sizes_match(server, tmp_path, name):
+    root, base = server
+    payload = random.Random(1).randbytes(50_000)
+    (root / name).write_bytes(payload)
+    dest = tmp_path / "dl" / name
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir()
+    part.write_bytes(payload)  # a transfer that finished before the rename: the server answers 416
+    assert download(f"{base}/{name}", dest, retries=2, backoff=0.01).read_bytes() == payload
+    dest.unlink()
+    part.write_bytes(payload + b"left over from another file")  # longer than the server's: 416 again
+    assert download(f"{base}/{name}", dest, retries=2, backoff=0.01).read_bytes() == payload
+    assert not part.exists()
 
 
 def test_download_gives_up_on_404(server, tmp_path):

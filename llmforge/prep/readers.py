@@ -2,7 +2,8 @@
 
 Inputs are local paths, globs, http(s) URLs, or a Common Crawl ``*.paths.gz`` listing (one relative path per
 line, joined to a base URL). Downloads retry with backoff and resume a partial file with an HTTP Range
-request; a finished download is renamed into place, so a half-written file is never taken for a whole one.
+request; a finished download is renamed into place, so a half-written file is never taken for a whole one,
+and an HTTP 416 (range not satisfiable) counts as finished only when the part is as long as the server's file.
 
 Reading never stops on bad input: a record that cannot be parsed, a truncated gzip member, a wrong
 Content-Length, a non-HTML payload or an undecodable body is counted under a reason and skipped, and the
@@ -74,6 +75,19 @@ def expand_inputs(
     return list(dict.fromkeys(out))
 
 
+def remote_size(url: str, headers, timeout: float) -> int | None:
+    """The file's length on the server: a 416's ``Content-Range: bytes */N``, else a HEAD request."""
+    total = (headers.get("Content-Range") or "").rpartition("/")[2]
+    if total.isdigit():
+        return int(total)
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+    except (OSError, urllib.error.URLError, http.client.HTTPException):
+        return None
+    return int(length) if length and length.isdigit() else None
+
+
 def download(url: str, dest: Path, retries: int = 5, timeout: float = 60.0, backoff: float = 0.5) -> Path:
     """Fetch url to dest, resuming `dest.part` with a Range request; retries transient failures."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -100,12 +114,17 @@ def download(url: str, dest: Path, retries: int = 5, timeout: float = 60.0, back
             os.replace(part, dest)
             return dest
         except urllib.error.HTTPError as err:
-            if err.code == 416 and part.exists():  # range not satisfiable: the part is already whole
-                os.replace(part, dest)
-                return dest
-            if 400 <= err.code < 500 and err.code not in (408, 429):
+            if err.code == 416 and have:  # range not satisfiable: whole only if it is as long as the file
+                remote = remote_size(url, err.headers, timeout)
+                if remote == have:
+                    os.replace(part, dest)
+                    return dest
+                part.unlink()  # longer than the file, or the length is unknown: start over
+                last_error = OSError(f"HTTP 416 with {have} bytes here and {remote} on the server")
+            elif 400 <= err.code < 500 and err.code not in (408, 429):
                 raise
-            last_error = err
+            else:
+                last_error = err
         except (OSError, urllib.error.URLError, http.client.HTTPException) as err:
             last_error = err
         time.sleep(backoff * 2**attempt)
