@@ -108,7 +108,7 @@ def test_prepare_option_composes(group, option):
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="prepare", overrides=[f"{group}={option}"])
-    assert cfg.executor.name in ("local", "slurm") and cfg.tokenizer.vocab_size > 0
+    assert cfg.executor.name in ("local", "slurm", "ray") and cfg.tokenizer.vocab_size > 0
     from llmforge.prep.filters import build_filters
 
     build_filters(cfg.filters)
