@@ -15,6 +15,7 @@ finished tasks' results), elapsed time and an ETA.
 from __future__ import annotations
 
 import multiprocessing as mp
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -128,8 +129,11 @@ def task_name(index: int) -> str:
 
 
 class LocalExecutor(Executor):
-    """`workers` processes (spawned, so no state leaks from the driver); one task, or 1 worker, runs
-    in-process, where progress inside the task shows live."""
+    """`workers` processes; one task, or 1 worker, runs in-process, where progress inside the task shows
+    live. Workers are forked from a fork server (a clean process started once per run, which imports the
+    task's module and the driver's main module once), so no state leaks from the driver and a worker
+    starts in milliseconds, not in the ~0.5 s a spawned interpreter takes to import numpy, Hydra and the
+    pipeline again."""
 
     def __init__(self, workers: int = 1, progress: bool = True, log_dir: str | Path | None = None) -> None:
         super().__init__(progress, log_dir)
@@ -144,7 +148,10 @@ class LocalExecutor(Executor):
                 except Exception as err:  # noqa: BLE001 — reported with the other failures of the stage
                     yield i, err
             return
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context("forkserver")
+        # a worker runs the driver's main module again (as __mp_main__): its imports come preloaded too
+        main = getattr(sys.modules["__main__"].__spec__, "name", None)
+        ctx.set_forkserver_preload([m for m in ("llmforge.prep.task", fn.__module__, main) if m])
         with ProcessPoolExecutor(min(self.workers, len(todo)), mp_context=ctx) as pool:
             futures = {pool.submit(run_task, fn, a, label, task_name(i), self.log_dir): i for i, a in todo}
             for fut in as_completed(futures):
