@@ -14,11 +14,11 @@ from llmforge.estimate import (
     compute_optimal_tokens,
     estimate,
     logits_bytes_per_token,
-    main,
     memory_per_gpu,
     recommend,
     training_flops,
 )
+from llmforge.estimate.__main__ import main
 from llmforge.models.transformer import Block, Transformer, TransformerConfig, num_params
 from tests.conftest import ROOT, run_cli
 

@@ -1,0 +1,94 @@
+"""Money and the decision: GPU table, prices per GPU-hour, and the seed chapter's pre-train / continue /
+fine-tune decision tree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmforge.estimate.flops import TOKENS_PER_PARAM, compute_optimal_tokens
+
+DEFAULT_GPUS: dict[str, dict[str, float]] = {
+    "a100": {"peak_tflops": 312.0, "memory_gb": 40.0},
+    "h100": {"peak_tflops": 989.0, "memory_gb": 80.0},
+    "h200": {"peak_tflops": 989.0, "memory_gb": 141.0},
+}
+DEFAULT_PRICES: dict[str, dict[str, float]] = {
+    "a100": {"aws": 4.00, "gcp": 3.67, "azure": 3.40, "lambda": 1.10},  # seed chapter, A100 40 GB
+    "h100": {},
+    "h200": {},
+}
+DOMAINS = ("general", "specific", "rare_language", "proprietary", "custom_architecture")
+
+
+@dataclass
+class Recommendation:
+    decision: str  # "pre-train" | "continue pre-training" | "fine-tune"
+    model_size: str  # what the budget buys, from the seed's tree
+    reasons: list[str]
+
+
+def human(x: float) -> str:
+    """3 significant digits and a unit: 1.2e10 -> "12B"."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def recommend(
+    *, corpus_tokens: float, domain: str, budget: float | None, cost: float | None, params: float
+) -> Recommendation:
+    """The seed chapter's decision tree (see the module docstring)."""
+    if domain not in DOMAINS:
+        raise ValueError(f"domain={domain!r} is not one of {', '.join(DOMAINS)}")
+    reasons: list[str] = []
+    if domain == "general":
+        decision = "fine-tune"
+        reasons.append("no need for a custom model: start from an existing pre-trained model")
+    elif domain == "specific":
+        if corpus_tokens < 10e9:
+            decision = "fine-tune"
+            reasons.append(f"specific domain, corpus {human(corpus_tokens)} tokens < 10B: fine-tune")
+        elif corpus_tokens > 100e9:
+            decision = "pre-train"
+            reasons.append(f"specific domain, corpus {human(corpus_tokens)} tokens > 100B: pre-train")
+        else:
+            decision = "continue pre-training"
+            reasons.append(
+                f"specific domain, corpus {human(corpus_tokens)} tokens between 10B and 100B: continue "
+                "pre-training an existing model (~10x cheaper than from scratch if the domain is close)"
+            )
+    else:
+        decision = "pre-train"
+        why = {
+            "rare_language": "a rare language: existing models handle it poorly",
+            "proprietary": "proprietary or sensitive data: full control, no leak",
+            "custom_architecture": "a custom architecture: nothing to start from",
+        }[domain]
+        reasons.append(f"{why}: pre-train")
+    if budget is None:
+        size = "no budget given"
+    elif budget < 10e3:
+        size = "fine-tune, or a small model (1-3B)"
+    elif budget <= 100e3:
+        size = "7-13B"
+    elif budget < 1e6:
+        size = "13-70B (the seed's tree is silent between $100k and $1M)"
+    else:
+        size = "70B+"
+    if budget is not None:
+        reasons.append(f"budget ${human(budget)}: {size}")
+        if cost is not None and decision == "pre-train" and cost > budget:
+            reasons.append(
+                f"this plan costs ${human(cost)} (cheapest price for the chosen GPU), over the budget: "
+                "fewer tokens, a smaller model, or continue pre-training instead"
+            )
+    optimal = compute_optimal_tokens(params)
+    if decision == "pre-train" and corpus_tokens < optimal:
+        epochs = optimal / corpus_tokens
+        reasons.append(
+            f"the corpus has {corpus_tokens / params:.1f} tokens per parameter (< {TOKENS_PER_PARAM:.0f}): "
+            f"compute-optimal training repeats it {epochs:.1f} times (up to ~4 epochs cost little, "
+            "Muennighoff et al. 2023), or pick a smaller model"
+        )
+    return Recommendation(decision=decision, model_size=size, reasons=reasons)
