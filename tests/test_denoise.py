@@ -12,6 +12,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from llmforge.config import validate
+from llmforge.curves import read_scalars
 from llmforge.models.transformer import flops_per_token
 from llmforge.objectives.denoise import (
     Denoise,
@@ -22,7 +23,6 @@ from llmforge.objectives.denoise import (
     span_counts,
     span_lengths,
 )
-from llmforge.plot import read_scalars
 from llmforge.training import run
 from tests.conftest import PRECISIONS, compose_train, run_cli
 

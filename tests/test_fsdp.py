@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from llmforge.checkpoints import consolidate, index_optimizer_state, load_sharded
+from llmforge.curves import read_scalars
 from llmforge.models.transformer import Transformer, TransformerConfig
 from llmforge.objectives.base import checkpoint_activations, fsdp_mixed_precision
 from llmforge.objectives.clm import CausalLM
-from llmforge.plot import read_scalars
 from llmforge.training import run
 from tests.conftest import run_cli
 

@@ -12,10 +12,10 @@ import torch
 from hydra.errors import ConfigCompositionException
 from torch.utils.data import DataLoader
 
+from llmforge.curves import read_scalars
 from llmforge.data.dataset import PackedWindows
 from llmforge.data.shards import ShardSet, read_manifest
 from llmforge.objectives.mlm import MaskedLM, byte_level_word_starts, mlm_collate
-from llmforge.plot import read_scalars
 from llmforge.training import run
 from tests.conftest import PRECISIONS, compose_train, run_cli
 

@@ -12,10 +12,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from llmforge.callbacks import PEAK_BF16_FLOPS, device_peak_flops, mfu, total_grad_norm
+from llmforge.curves import read_scalars
 from llmforge.data.datamodule import ShardDataModule
 from llmforge.data.shards import read_manifest
 from llmforge.objectives.base import lr_factor
-from llmforge.plot import read_scalars
 from llmforge.training import build_module, run
 
 STEP_TAGS = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmforge.plot import figure, plot, read_scalars
+from llmforge.curves import figure, plot, read_scalars
 from llmforge.training import run
 from tests.conftest import run_cli
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmforge.callbacks import DivergenceError, StabilityGuard
-from llmforge.plot import read_scalars
+from llmforge.curves import read_scalars
 from llmforge.training import build_callbacks, run
 from tests.conftest import run_cli
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from llmforge.plot import plot, read_scalars
+from llmforge.curves import plot, read_scalars
 from llmforge.training import run
 from tests.conftest import PRECISIONS, run_cli
 
