@@ -16,8 +16,9 @@ over the scored tokens, computed outside the model) and the same optimizer (torc
 
 Tokens/s counts source tokens (``batch x seq_len`` per step, as ``llmforge.callbacks.Throughput`` does),
 the same for both sides, so the ratio is the speed ratio. Absolute CPU figures drift ~14% between
-processes (ARCHITECTURE.md): all models live in one process and are timed in alternating rounds (the side
-that goes first alternates too) after warm-up steps; the figure is the median over rounds.
+processes (docs/architecture.md): all models live in one process and are timed in alternating rounds (the
+side that goes first alternates too) after warm-up steps; the figure is the median over rounds
+(`experiments/_hf_bench.py`).
 
     .venv/bin/python experiments/bench_objectives_vs_hf.py                       # both, fp32 and bf16
     .venv/bin/python experiments/bench_objectives_vs_hf.py --objective mlm --dtype bf16 --rounds 7
@@ -29,27 +30,22 @@ that goes first alternates too) after warm-up steps; the figure is the median ov
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from _hf_bench import Side, add_common_args, profile, setup, timed_rounds
 from torch import nn
 
 from llmforge.models.transformer import Encoder, EncoderDecoder, TransformerConfig, num_params
-from llmforge.objectives.base import param_groups
 from llmforge.objectives.denoise import span_corruption_collate, span_counts
 from llmforge.objectives.mlm import mlm_collate
-from llmforge.training import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 PAD, BOS, EOS, MASK, FIRST_SENTINEL, N_SPECIAL = 0, 2, 3, 4, 5, 105
@@ -57,28 +53,11 @@ PAD, BOS, EOS, MASK, FIRST_SENTINEL, N_SPECIAL = 0, 2, 3, 4, 5, 105
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(p, rounds=6)
     p.add_argument("--objective", choices=["mlm", "denoise", "both"], default="both")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both",
-                   help="fp32, or bf16 autocast (weights and optimizer stay fp32)")
-    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per model per round")
-    p.add_argument("--rounds", type=int, default=6, help="alternating timed rounds")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model before the rounds")
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--d-model", type=int, default=384)
     p.add_argument("--layers", type=int, default=6, help="encoder layers (and decoder layers for denoise)")
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--dense-head", action="store_true",
                    help="MLM: run our head on every position, as BERT does (isolates the sparse-head gain)")
-    p.add_argument("--no-keep-freed-memory", action="store_true",
-                   help="do not call llmforge.training.keep_freed_memory() (glibc mallopt)")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="after the benchmark, profile N steps of each model with torch.profiler")
     p.add_argument("--ledger", action="store_true", help="append the results to experiments/LEDGER.md")
     return p.parse_args(argv)
 
@@ -167,41 +146,6 @@ def count(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-# -- one side: a model, its optimizer and its loss ---------------------------------------------------------
-class Side:
-    def __init__(self, name: str, model: nn.Module, loss_fn: Callable, args: argparse.Namespace, bf16: bool):
-        self.name, self.model, self.loss_fn, self.bf16 = name, model, loss_fn, bf16
-        model.train()
-        self.opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-        self.tokens_per_step = args.batch * args.seq_len
-        self.rates: list[float] = []  # tokens / wall second, per round
-        self.cpu_ms: list[float] = []  # process CPU milliseconds per step, per round
-        self.cpu_use: list[float] = []  # process CPU seconds / wall seconds per round (~threads if alone)
-        self.last_loss = float("nan")
-
-    def step(self, batch: dict) -> torch.Tensor:
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-        with ctx:
-            logits, targets = self.loss_fn(self.model, batch)
-        loss = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=-100)
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    def run(self, batches: list[dict], start: int, n: int) -> float:
-        gc.collect()
-        c0, t0 = time.process_time(), time.perf_counter()
-        for i in range(n):
-            loss = self.step(batches[(start + i) % len(batches)])
-        elapsed = time.perf_counter() - t0
-        cpu = time.process_time() - c0
-        self.cpu_use.append(cpu / elapsed)
-        self.cpu_ms.append(1000 * cpu / max(n, 1))
-        self.last_loss = float(loss)
-        return elapsed
-
-
 def mlm_sides(args: argparse.Namespace, bf16: bool) -> list[Side]:
     cfg = our_config(args)
     torch.manual_seed(args.seed)
@@ -258,66 +202,13 @@ def bench(args: argparse.Namespace, objective: str, dtype: str) -> dict:
           f"{args.batch * args.seq_len} source tokens/step, inputs {shape}; {args.warmup} warm-up + "
           f"{args.rounds} rounds x {args.steps} steps per model ===")
     sides = (mlm_sides if objective == "mlm" else denoise_sides)(args, dtype == "bf16")
-    for s in sides:
-        s.run(batches, 0, args.warmup)
-        s.cpu_use.clear(), s.cpu_ms.clear()
-    cursor = args.warmup
-    for r in range(args.rounds):
-        order = sides if r % 2 == 0 else sides[::-1]
-        line = []
-        for s in order:
-            sec = s.run(batches, cursor, args.steps)
-            s.rates.append(args.steps * s.tokens_per_step / sec)
-            line.append(f"{s.name} {s.rates[-1]:7.0f} tok/s (cpu {s.cpu_use[-1]:.2f})")
-        cursor += args.steps
-        print(f"  round {r + 1}: " + "   ".join(line) + f"   load {os.getloadavg()[0]:.2f}")
-    med = [statistics.median(s.rates) for s in sides]
-    per_round = [a / b for a, b in zip(sides[0].rates, sides[1].rates, strict=True)]
-    print(f"\n  {'model':<10} {'median tok/s':>13} {'min':>7} {'max':>7} {'ms/step':>8} {'cpu-ms/step':>12} "
-          f"{'last loss':>10}")
-    for s, m in zip(sides, med, strict=True):
-        print(f"  {s.name:<10} {m:13.0f} {min(s.rates):7.0f} {max(s.rates):7.0f} "
-              f"{1000 * s.tokens_per_step / m:8.1f} {statistics.median(s.cpu_ms):12.1f} {s.last_loss:10.4f}")
-    ratio, paired = med[0] / med[1], statistics.median(per_round)
-    cpu_ratio = statistics.median(sides[1].cpu_ms) / statistics.median(sides[0].cpu_ms)
-    print(f"  ratio llmforge/{sides[1].name} = {ratio:.3f}   (median of per-round ratios {paired:.3f}; "
-          f"by CPU time per step {cpu_ratio:.3f})")
-    print("  per-round ratios: " + ", ".join(f"{x:.3f}" for x in per_round))
-    busy = [r + 1 for r in range(args.rounds)
-            if min(sides[0].cpu_use[r], sides[1].cpu_use[r]) < 0.8 * torch.get_num_threads()]
-    if busy:
-        print(f"  NOTE: rounds {busy} ran with under 80% of {torch.get_num_threads()} threads busy: other "
-              "load on the machine; trust the paired ratio more than absolute tok/s")
+    result = {"objective": objective, "dtype": dtype, "hf_name": sides[1].name}
+    result |= timed_rounds(sides, batches, args)
     if args.profile:
         profile(sides, batches, args.profile)
-    result = {"objective": objective, "dtype": dtype, "ours": med[0], "hf": med[1], "hf_name": sides[1].name,
-              "ratio": ratio, "paired": paired, "cpu_ratio": cpu_ratio}
     del sides
     gc.collect()
     return result
-
-
-def profile(sides: list[Side], batches: list[dict], n: int, top: int = 25) -> None:
-    """Self CPU ms per step of each op, both models side by side, steps interleaved."""
-    from collections import defaultdict
-
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as tprofile
-
-    ms = {s.name: defaultdict(float) for s in sides}
-    for i in range(n):
-        for s in sides if i % 2 == 0 else sides[::-1]:
-            with tprofile(activities=[ProfilerActivity.CPU]) as prof:
-                s.step(batches[i % len(batches)])
-            for ev in prof.key_averages():
-                ms[s.name][ev.key] += ev.self_cpu_time_total / 1000 / n
-    a, b = (s.name for s in sides)
-    names = sorted(set(ms[a]) | set(ms[b]), key=lambda k: -max(ms[a][k], ms[b][k]))
-    print(f"\n--- torch.profiler, {n} steps per model: self CPU ms per step ---")
-    print(f"  {'op':<56} {a:>10} {b:>10} {'diff':>8}")
-    for k in names[:top]:
-        print(f"  {k[:56]:<56} {ms[a][k]:10.1f} {ms[b][k]:10.1f} {ms[a][k] - ms[b][k]:+8.1f}")
-    print(f"  {'total':<56} {sum(ms[a].values()):10.1f} {sum(ms[b].values()):10.1f}")
 
 
 def append_ledger(args: argparse.Namespace, results: list[dict]) -> None:
@@ -349,16 +240,7 @@ def append_ledger(args: argparse.Namespace, results: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if not args.no_keep_freed_memory:
-        keep_freed_memory()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        import transformers
-    except ImportError:
-        sys.exit("this benchmark needs transformers: pip install -e '.[hf]'")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads "
-          f"{torch.get_num_threads()}, keep_freed_memory={'off' if args.no_keep_freed_memory else 'on'}")
+    setup(args)
     objectives = ["mlm", "denoise"] if args.objective == "both" else [args.objective]
     dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     results = [bench(args, o, d) for o in objectives for d in dtypes]
