@@ -9,6 +9,7 @@ import tempfile
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -106,3 +107,81 @@ def run_cli(module: str, *args: str, cwd: Path, timeout: int = 300) -> subproces
         text=True,
         timeout=timeout,
     )
+
+
+# -- what the objectives' tests share (test_mlm.py, test_denoise.py) ------------------------------------
+def overfit(train_cfg, objective: str, precision: str, hardware: str, steps: int) -> tuple[float, ...]:
+    """Train ``objective`` on one fixed batch (``debug=overfit``) in this process; checks ``perf.json``
+    (4 x 32 tokens per step, FLOPs counted) and returns (first train loss, last train loss, last accuracy)."""
+    import json
+
+    from llmforge.curves import read_scalars
+    from llmforge.training import run
+
+    overrides = (f"precision={precision}", f"hardware={hardware}", f"trainer.max_steps={steps}")
+    result = run(train_cfg(f"objective={objective}", "debug=overfit", *overrides))
+    scalars = read_scalars(result.run_dir)
+    loss, acc = dict(scalars["train/loss"]), dict(scalars["train/acc"])
+    perf = json.loads((result.run_dir / "perf.json").read_text())
+    assert perf["tokens_per_step"] == 4 * 32 and perf["flops_per_token"] > 0
+    return loss[min(loss)], loss[max(loss)], acc[max(acc)]
+
+
+def train_two_processes(tmp_path: Path, tiny_data: Path, name: str, *overrides: str, steps: int = 3) -> Path:
+    """``python -m llmforge.train`` with two CPU ranks on the tiny data (``debug=fast``, ``model=tiny``,
+    windows of 32 tokens); checks it succeeded and returns the run directory."""
+    proc = run_cli(
+        "llmforge.train",
+        *overrides,
+        "hardware.devices=2",
+        "debug=fast",
+        f"trainer.max_steps={steps}",
+        "model=tiny",
+        f"data.path={tiny_data}",
+        "data.seq_len=32",
+        f"name={name}",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp_path / "runs" / name
+
+
+def ddp_three_steps(tmp_path: Path, tiny_data: Path, objective: str) -> dict:
+    """Three steps of ``objective`` under 2-process DDP, batches of 3: the run logged training and
+    validation loss and accuracy, and its last checkpoint's data position counts both ranks' windows.
+    Returns that checkpoint."""
+    from llmforge.curves import read_scalars
+
+    name = f"{objective}-ddp"
+    run_dir = train_two_processes(tmp_path, tiny_data, name, f"objective={objective}", "strategy=ddp",
+                                  "data.batch_size=3")
+    scalars = read_scalars(run_dir)
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(scalars)
+    ck = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ck["ShardDataModule"]["cursor"] == 3 * 3 * 2
+    return ck
+
+
+def random_windows(
+    n: int,
+    seq_len: int,
+    *,
+    low: int,
+    high: int,
+    seed: int = 0,
+    pad_last: int = 0,
+    eos: int | None = None,
+    first_index: int = 0,
+    index_step: int = 1,
+) -> list[dict]:
+    """Samples as `PackedWindows` yields them: n windows of seq_len + 1 random token ids in [low, high),
+    with ``eos`` (document ends) sprinkled in at 3% when given, the last ``pad_last`` tokens of the last
+    window padded (-1), indices ``first_index + index_step * i``."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(low, high, size=(n, seq_len + 1))
+    if eos is not None:
+        tokens[rng.random(tokens.shape) < 0.03] = eos
+    if pad_last:
+        tokens[-1, -pad_last:] = -1
+    return [{"index": first_index + index_step * i, "tokens": t} for i, t in enumerate(tokens)]

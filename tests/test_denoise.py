@@ -24,7 +24,15 @@ from llmforge.objectives.denoise import (
     span_lengths,
 )
 from llmforge.training import run
-from tests.conftest import PRECISIONS, compose_train, run_cli
+from tests.conftest import (
+    PRECISIONS,
+    compose_train,
+    ddp_three_steps,
+    overfit,
+    random_windows,
+    run_cli,
+    train_two_processes,
+)
 
 VOCAB, PAD, BOS, EOS, MASK = 1000, 0, 2, 3, 4
 SENTINELS = np.arange(5, 105)  # <extra_id_0..99>
@@ -35,11 +43,7 @@ SPECIALS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4, **{f"sentinel_{i}
 
 
 def windows(n: int, seq_len: int, seed: int = 0, pad_last: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(105, VOCAB, size=(n, seq_len + 1))
-    if pad_last:
-        tokens[-1, -pad_last:] = -1
-    return [{"index": 7 * i, "tokens": t} for i, t in enumerate(tokens)]
+    return random_windows(n, seq_len, low=105, high=VOCAB, seed=seed, pad_last=pad_last, index_step=7)
 
 
 def spans(samples, seed=0, **kw):
@@ -246,22 +250,9 @@ def test_infill_batch_restores_to_the_source():
 
 @pytest.mark.parametrize(("precision", "hardware"), PRECISIONS)
 def test_denoise_overfits_a_fixed_batch(train_cfg, precision, hardware):
-    result = run(
-        train_cfg(
-            "objective=denoise",
-            "debug=overfit",
-            f"precision={precision}",
-            f"hardware={hardware}",
-            "trainer.max_steps=20",
-        )
-    )
-    scalars = read_scalars(result.run_dir)
-    loss, acc = dict(scalars["train/loss"]), dict(scalars["train/acc"])
-    first, last = loss[min(loss)], loss[max(loss)]
+    first, last, acc = overfit(train_cfg, "denoise", precision, hardware, steps=20)
     assert last < 0.35 * first, (precision, first, last)
-    assert acc[max(acc)] > 0.8
-    perf = json.loads((result.run_dir / "perf.json").read_text())
-    assert perf["tokens_per_step"] == 4 * 32 and perf["flops_per_token"] > 0
+    assert acc > 0.8
 
 
 def test_infill_variant_trains(train_cfg):
@@ -273,48 +264,14 @@ def test_infill_variant_trains(train_cfg):
 
 @pytest.mark.slow
 def test_denoise_ddp_two_processes(tmp_path, tiny_data):
-    proc = run_cli(
-        "llmforge.train",
-        "objective=denoise",
-        "strategy=ddp",
-        "hardware.devices=2",
-        "debug=fast",
-        "trainer.max_steps=3",
-        "model=tiny",
-        f"data.path={tiny_data}",
-        "data.seq_len=32",
-        "data.batch_size=3",
-        "name=denoise-ddp",
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run_dir = tmp_path / "runs" / "denoise-ddp"
-    scalars = read_scalars(run_dir)
-    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(scalars)
-    ck = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ck["ShardDataModule"]["cursor"] == 3 * 3 * 2
+    ck = ddp_three_steps(tmp_path, tiny_data, "denoise")
     assert any(k.startswith("model.decoder.0.cross.") for k in ck["state_dict"])
 
 
 @pytest.mark.slow
 def test_denoise_fsdp_two_processes(tmp_path, tiny_data):
     """FSDP2 shards encoder and decoder blocks alike (`PretrainModule.configure_model`)."""
-    proc = run_cli(
-        "llmforge.train",
-        "objective=denoise",
-        "strategy=fsdp",
-        "hardware.devices=2",
-        "debug=fast",
-        "trainer.max_steps=2",
-        "model=tiny",
-        f"data.path={tiny_data}",
-        "data.seq_len=32",
-        "name=denoise-fsdp",
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    train_two_processes(tmp_path, tiny_data, "denoise-fsdp", "objective=denoise", "strategy=fsdp", steps=2)
     last = tmp_path / "runs" / "denoise-fsdp" / "checkpoints" / "last.ckpt"
     assert last.is_dir() and any(last.iterdir())  # sharded
     assert sorted(dict(read_scalars(tmp_path / "runs" / "denoise-fsdp")["train/loss"])) == [0, 1]

@@ -12,12 +12,11 @@ import torch
 from hydra.errors import ConfigCompositionException
 from torch.utils.data import DataLoader
 
-from llmforge.curves import read_scalars
 from llmforge.data.dataset import PackedWindows
 from llmforge.data.shards import ShardSet, read_manifest
 from llmforge.objectives.mlm import MaskedLM, byte_level_word_starts, mlm_collate
 from llmforge.training import run
-from tests.conftest import PRECISIONS, compose_train, run_cli
+from tests.conftest import PRECISIONS, compose_train, ddp_three_steps, overfit, random_windows
 
 VOCAB, PAD, EOS, MASK = 1000, 0, 3, 4
 SPECIAL = np.arange(0, 20)  # pad unk bos eos mask + 15 sentinels
@@ -29,12 +28,8 @@ SPECIALS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "mask": 4, **{f"sentinel_{i}
 
 def windows(n: int, seq_len: int, seed: int = 0, pad_last: int = 0) -> list[dict]:
     """Random windows of seq_len + 1 tokens with EOS (document ends) sprinkled in; the last one padded."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(20, VOCAB, size=(n, seq_len + 1))
-    tokens[rng.random(tokens.shape) < 0.03] = EOS
-    if pad_last:
-        tokens[-1, -pad_last:] = -1
-    return [{"index": 1000 + i, "tokens": t} for i, t in enumerate(tokens)]
+    return random_windows(n, seq_len, low=20, high=VOCAB, seed=seed, pad_last=pad_last, eos=EOS,
+                          first_index=1000)
 
 
 def collate(samples, seed=0, **kw):
@@ -196,45 +191,12 @@ def test_loss_is_over_masked_tokens_and_flops_count_the_sparse_head():
 
 @pytest.mark.parametrize(("precision", "hardware"), PRECISIONS)
 def test_mlm_overfits_a_fixed_batch(train_cfg, precision, hardware):
-    result = run(
-        train_cfg(
-            "objective=mlm",
-            "debug=overfit",
-            f"precision={precision}",
-            f"hardware={hardware}",
-            "trainer.max_steps=25",
-        )
-    )
-    scalars = read_scalars(result.run_dir)
-    loss, acc = dict(scalars["train/loss"]), dict(scalars["train/acc"])
-    first, last = loss[min(loss)], loss[max(loss)]
+    first, last, acc = overfit(train_cfg, "mlm", precision, hardware, steps=25)
     assert last < 0.3 * first, (precision, first, last)
-    assert acc[max(acc)] > 0.6
-    perf = json.loads((result.run_dir / "perf.json").read_text())
-    assert perf["tokens_per_step"] == 4 * 32 and perf["flops_per_token"] > 0
+    assert acc > 0.6
 
 
 @pytest.mark.slow
 def test_mlm_ddp_two_processes(tmp_path, tiny_data):
-    proc = run_cli(
-        "llmforge.train",
-        "objective=mlm",
-        "strategy=ddp",
-        "hardware.devices=2",
-        "debug=fast",
-        "trainer.max_steps=3",
-        "model=tiny",
-        f"data.path={tiny_data}",
-        "data.seq_len=32",
-        "data.batch_size=3",
-        "name=mlm-ddp",
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run_dir = tmp_path / "runs" / "mlm-ddp"
-    scalars = read_scalars(run_dir)
-    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(scalars)
-    ck = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ck["ShardDataModule"]["cursor"] == 3 * 3 * 2
+    ck = ddp_three_steps(tmp_path, tiny_data, "mlm")
     assert ck["hyper_parameters"]["mask_prob"] == 0.15
