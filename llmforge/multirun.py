@@ -2,7 +2,7 @@
 
 Lightning starts the other ranks of a run on this machine (ddp, fsdp with several devices) by running the
 command line again (`_SubprocessScriptLauncher`). Under ``-m`` that command line is the whole sweep, so
-every child rank re-runs the sweep (ARCHITECTURE.md: the sweep runs twice, into two sweep folders), and
+every child rank re-runs the sweep (docs/architecture.md: the sweep ran twice, into two sweep folders), and
 the sweep process keeps ``LOCAL_RANK``, ``WORLD_SIZE`` and ``MASTER_PORT`` in its environment after the
 first job, so the next job believes its ranks were started for it and inherits the first job's port.
 

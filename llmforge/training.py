@@ -39,7 +39,7 @@ def keep_freed_memory() -> None:
     """Ask glibc to keep freed memory instead of returning it to the kernel after every step.
 
     Activations are freed and re-allocated each step; glibc's defaults unmap them each time (~100k page
-    faults a step on CPU). ARCHITECTURE.md measured 17-46% faster CPU training with this.
+    faults a step on CPU). docs/architecture.md: 17-46% faster CPU training with this.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
