@@ -1,6 +1,6 @@
 """Reading what a model writes: sampling, KV-cache decoding, fill-mask and span filling.
 
-Used by ``python -m llmforge.generate``, the `llmforge.sampling.SampleText` callback and anything else that
+Used by ``python -m llmforge.generate``, the `llmforge.callbacks.SampleText` callback and anything else that
 wants text from a model (`llmforge.checkpoints.load_model` gives a `LoadedModel` from a checkpoint):
 
 - `Sampling`, `next_tokens`, `make_generator`: greedy, or temperature / top-k / top-p from a local seeded

@@ -5,7 +5,8 @@
 - `stability`: the stability guard, NaN/Inf and loss-spike detection and what to do about them
   (`StabilityGuard`, `DivergenceError`, `checkpoint_steps`);
 - `manifest`: the run manifest and the hyperparameters in TensorBoard (`RunManifest`);
-- `sample_indices`: the windows each rank trains on (`SampleIndexRecorder`, for checks and tests).
+- `sample_indices`: the windows each rank trains on (`SampleIndexRecorder`, for checks and tests);
+- `sample_text`: what the model writes while it trains, in TensorBoard (`SampleText`).
 
 Every callback is importable from here (``_target_: llmforge.callbacks.<Name>`` in ``conf/callbacks/``).
 TensorBoard tags and their meaning are listed in docs/monitoring.md.
@@ -24,6 +25,7 @@ from llmforge.callbacks.manifest import (
     versions,
 )
 from llmforge.callbacks.sample_indices import SampleIndexRecorder
+from llmforge.callbacks.sample_text import SampleText
 from llmforge.callbacks.stability import POLICIES, DivergenceError, StabilityGuard, checkpoint_steps
 from llmforge.callbacks.throughput import PEAK_BF16_FLOPS, Throughput, device_peak_flops, mfu
 
@@ -36,6 +38,7 @@ __all__ = [
     "GradNorm",
     "RunManifest",
     "SampleIndexRecorder",
+    "SampleText",
     "StabilityGuard",
     "Throughput",
     "checkpoint_steps",

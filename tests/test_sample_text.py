@@ -9,8 +9,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
+from llmforge.callbacks.sample_text import SampleText, with_placeholder
 from llmforge.curves import read_scalars
-from llmforge.sampling import SampleText, with_placeholder
 from llmforge.training import run
 
 
