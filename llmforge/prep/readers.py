@@ -299,11 +299,14 @@ class _Records:
         if not data:
             self.end = True
             return False
+        self.buf += data
+        return True
+
+    def _compact(self) -> None:
+        """Drops consumed bytes (only between records: positions held while framing one stay valid)."""
         if self.i > (1 << 20) and self.i > len(self.buf) // 2:
             del self.buf[: self.i]
             self.i = 0
-        self.buf += data
-        return True
 
     def _need(self, n: int) -> bool:
         """At least n bytes from `i` on in the buffer (False if the input ends first)."""
@@ -316,6 +319,7 @@ class _Records:
         """Moves `i` to the next record start (or the end); returns how far that is from record_start."""
         dist: float = self.i - record_start
         scanned = dist  # since the last jump
+        self.stats.bytes_skipped += self.i - record_start
         while True:
             m = RECORD_START.search(self.buf, self.i)
             stop = m.start() if m else max(self.i, len(self.buf) - 16)
@@ -332,6 +336,7 @@ class _Records:
                     self.buf.clear()
                     self.i, dist, scanned = 0, math.inf, 0
                     continue
+            self._compact()
             if not self._more():
                 self.stats.bytes_skipped += len(self.buf) - self.i
                 self.i = len(self.buf)
@@ -348,6 +353,7 @@ class _Records:
 
     def __iter__(self) -> Iterator[tuple[dict[str, str], bytes] | str]:
         while True:
+            self._compact()
             while self._need(1) and self.buf[self.i] in b"\r\n":
                 self.i += 1
             if self.i < len(self.buf):
