@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -191,27 +192,6 @@ def test_wrong_content_length_is_not_fatal(tmp_path):
     docs, reader = read_all(path)
     got = [d.text for d in docs]
     assert texts[0] in got and texts[3] in got
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_fuzzed_bytes_never_crash(tmp_path, seed):
-    rng = random.Random(seed)
-    path = tmp_path / "f.warc"
-    make_warc(path, n=8, gzip_records=seed % 2 == 0)
-    data = bytearray(path.read_bytes())
-    for _ in range(rng.randint(1, 30)):
-        op = rng.random()
-        pos = rng.randrange(len(data))
-        if op < 0.5:
-            data[pos] = rng.randrange(256)
-        elif op < 0.8:
-            del data[pos : pos + rng.randint(1, 200)]
-        else:
-            data[pos:pos] = rng.randbytes(rng.randint(1, 200))
-    path.write_bytes(bytes(data))
-    docs, reader = read_all(path)
-    assert len(docs) <= 8
-    assert reader.stats.documents == len(docs)
 
 
 def test_random_bytes_file(tmp_path):
@@ -450,3 +430,85 @@ def test_a_non_warc_file_or_header_is_malformed_not_a_record_type(tmp_path):
     docs, reader = read_all(path)
     assert [d.text for d in docs] == [texts[0], texts[2]]
     assert reader.stats.skipped == {"malformed:header": 1}
+
+
+def mutate(rng: random.Random, record: bytes, gz: bool) -> tuple[bytes, bool, str]:
+    """Damage one record (or its gzip member): (new bytes, whether the record is lost, the reason counted)."""
+    rec = bytearray(record)
+    op = rng.choice(["flip", "delete", "insert", "garbage"] if gz else ["header", "length", "garbage"])
+    if op == "garbage":  # bytes after the record that are no record (or no gzip member): nothing lost
+        return (
+            record + b"X" + rng.randbytes(rng.randint(1, 60)),
+            False,
+            "malformed:gzip" if gz else ("malformed:header"),
+        )
+    if op == "flip":  # anywhere in the deflate data or the checksum
+        rec[rng.randrange(10, len(rec))] ^= rng.randint(1, 255)
+    elif op == "delete":
+        p = rng.randrange(10, len(rec) - 1)
+        del rec[p : p + rng.randint(1, 50)]
+    elif op == "insert":
+        p = rng.randrange(10, len(rec) - 1)
+        rec[p:p] = rng.randbytes(rng.randint(1, 50))
+    elif op == "header":
+        rec[rng.randrange(0, 7)] ^= rng.randint(1, 255)  # the WARC/1.0 line
+    else:  # a Content-Length that lies by up to 30 bytes either way
+        m = re.search(rb"Content-Length: (\d+)", rec)
+        assert m is not None
+        wrong = int(m.group(1)) + rng.choice([-1, 1]) * rng.randint(1, 30)
+        rec[m.start(1) : m.end(1)] = str(wrong).encode()
+    reason = {"flip": "gzip", "delete": "gzip", "insert": "gzip", "header": "header", "length": "length"}[op]
+    return bytes(rec), True, f"malformed:{reason}"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fuzzed_file_every_record_read_or_counted(tmp_path, seed):
+    """Damage 6 of 40 records (flips, cuts, insertions, wrong lengths, garbage) and cut the file in its
+    last record: exactly the undamaged records come out, whole, and every damage is counted once."""
+    rng = random.Random(seed)
+    gz = seed % 2 == 0
+    path = tmp_path / "f.warc"
+    texts = make_responses(path, 40, gzip_records=gz)
+    data = path.read_bytes()
+    starts = member_offsets(data) if gz else [m.start() for m in re.finditer(rb"WARC/1\.0\r\n", data)]
+    starts = sorted({*starts, len(data)})
+    victims = set(rng.sample(range(0, 38, 2), 6))  # never two neighbours, never the last record
+    out, lost, reasons = bytearray(), set(), Counter()
+    for k in range(40):
+        record = data[starts[k] : starts[k + 1]]
+        if k in victims:
+            record, was_lost, reason = mutate(rng, record, gz)
+            reasons[reason] += 1
+            lost |= {k} if was_lost else set()
+        if k == 39:  # the file ends in the middle of its last record
+            record = record[: rng.randrange(20, len(record) - 10)]
+            reasons["malformed:truncated"] += 1
+            lost.add(k)
+        out += record
+    path.write_bytes(bytes(out))
+    docs, reader = read_all(path)
+    assert [d.text for d in docs] == [t for k, t in enumerate(texts) if k not in lost]
+    assert reader.stats.skipped == reasons
+    assert reader.stats.records == reader.stats.documents + sum(reasons.values())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_damage_never_crashes_and_everything_is_accounted(tmp_path, seed):
+    rng = random.Random(seed)
+    path = tmp_path / "f.warc"
+    make_warc(path, n=8, gzip_records=seed % 2 == 0)
+    data = bytearray(path.read_bytes())
+    for _ in range(rng.randint(1, 30)):
+        op = rng.random()
+        pos = rng.randrange(len(data))
+        if op < 0.5:
+            data[pos] = rng.randrange(256)
+        elif op < 0.8:
+            del data[pos : pos + rng.randint(1, 200)]
+        else:
+            data[pos:pos] = rng.randbytes(rng.randint(1, 200))
+    path.write_bytes(bytes(data))
+    docs, reader = read_all(path)
+    assert len(docs) == reader.stats.documents <= 8
+    assert reader.stats.records == reader.stats.documents + sum(reader.stats.skipped.values())
+    assert "record_type:None" not in reader.stats.skipped

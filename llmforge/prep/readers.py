@@ -36,7 +36,7 @@ META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([a-zA-Z0-9_.:-]+
 HEADER_CHARSET = re.compile(r"charset\s*=\s*[\"']?([a-zA-Z0-9_.:-]+)", re.IGNORECASE)
 RECORD_START = re.compile(rb"WARC/1\.[01]\r?\n")
 HEADER_END = re.compile(rb"\r?\n\r?\n")
-TRAILER = re.compile(rb"\r?\n\r?\n")
+TRAILER = re.compile(rb"\r\n\r\n")  # ends every WARC record
 GZIP_MAGIC = b"\x1f\x8b\x08"
 CHUNK = 1 << 16  # bytes read or inflated at a time
 MAX_HEADER_BYTES = 1 << 16  # a WARC or HTTP header block longer than this is malformed
@@ -509,6 +509,8 @@ class WarcReader:
             text = block.decode("utf-8", errors="replace")
             meta = {"url": uri, "date": date, "source": source, "content_type": "text/plain"}
             return Document(text, rid, meta) if text.strip() else self._skip("empty")
+        if rtype is None:  # the header block was damaged
+            return self._skip("malformed:header")
         if rtype != "response":
             return self._skip(f"record_type:{rtype}")
         http = HEADER_END.search(block, 0, MAX_HEADER_BYTES)
