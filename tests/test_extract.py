@@ -7,7 +7,7 @@ import time
 import pytest
 
 from llmforge.prep.document import Document
-from llmforge.prep.extract import Extract, extract_text, nesting_depth, worker_for
+from llmforge.prep.extract import Extract, extract_text, nesting_depth
 
 PAGE = "<html><body><article><h1>Title</h1><p>{}</p></article></body></html>"
 TEXT = "A paragraph with enough words to be kept as the main content of the page. " * 5
@@ -45,7 +45,7 @@ def test_a_page_that_overruns_the_limit_in_c_is_killed_and_the_worker_replaced()
     """Without the depth check, a 30,000-level page keeps resiliparse's C code busy for minutes: the
     child is killed at the limit, the page counted, and the next page goes to a fresh child."""
     step = Extract(timeout_s=1.0, max_depth=0)
-    worker = worker_for(step.options)
+    worker = step.worker()
     list(step.run([html_doc(PAGE.format("warm-up " * 50), "warm")]))  # start-up is not timed
     pid = worker.proc.pid
     start = time.monotonic()
@@ -69,3 +69,20 @@ def test_worker_gives_the_in_process_result():
     out = list(step.run([html_doc(p, str(i)) for i, p in enumerate(pages)]))
     assert [d.text for d in out] == [extract_text(p, step.options) for p in pages]
     assert all(d.metadata["content_type"] == "text/plain" for d in out)
+
+
+def test_pages_sent_ahead_survive_a_killed_worker_in_order():
+    step = Extract(timeout_s=1.0, max_depth=0, ahead=8)
+    docs = [
+        html_doc(PAGE.format(TEXT + "one"), "one"),
+        html_doc(deep(30_000, closed=True), "deep"),
+        html_doc(PAGE.format(TEXT + "two"), "two"),
+        Document("plain text", "plain", {"content_type": "text/plain"}),
+        html_doc("<html><body><nav>menu</nav></body></html>", "empty"),
+        html_doc(PAGE.format(TEXT + "three"), "three"),
+    ]
+    out = list(step.run(docs))
+    assert [d.id for d in out] == ["one", "two", "plain", "three"]
+    assert out[2].text == "plain text" and out[3].text.rstrip().endswith("three")
+    assert step.stats.dropped == {"extract_timeout": 1, "no_text": 1}
+    assert (step.stats.docs_in, step.stats.docs_out) == (6, 4)

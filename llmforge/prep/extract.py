@@ -17,11 +17,16 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import queue
 import select
+import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -35,6 +40,7 @@ FLAT = (
 ).split()
 READY = b"ready\n"
 START_TIMEOUT_S = 120.0  # python + resiliparse import, on a loaded machine
+AHEAD_CHARS = 8_000_000  # at most this much HTML waits at the extraction worker
 NAME = 8  # tag names are compared on their first 8 bytes (every FLAT name fits)
 
 
@@ -106,38 +112,63 @@ def extract_text(html: str, options: dict) -> str:
     )
 
 
-def serve(options: dict, fd_in: int = 0, fd_out: int = 1) -> None:
-    """The child's loop: a length-prefixed page in, (status, length, text or error name) out."""
+# reply statuses
+OK, ERROR, TOO_DEEP, TIMEOUT, DIED = range(5)
+
+
+def serve(options: dict, timeout_s: float, max_depth: int, fd_in: int = 0, fd_out: int = 1) -> None:
+    """The child's loop: length-prefixed pages in, (status, length, text or error name) out, in order.
+
+    Each page runs under a real-time timer whose signal keeps its default action: past `timeout_s` the
+    kernel ends this process, wherever it is (C code included); the parent sees it die and counts the page.
+    A thread drains the input, so the parent can send pages ahead without ever blocking on a full pipe.
+    """
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
     extract_text("", options)  # imports resiliparse before saying it is ready
     _write_all(fd_out, READY)
-    while True:
+    pages: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def receive() -> None:
         try:
-            (n,) = struct.unpack("<I", _read_exact(fd_in, 4))
+            while True:
+                (n,) = struct.unpack("<I", _read_exact(fd_in, 4))
+                pages.put(_read_exact(fd_in, n))
         except EOFError:
-            return
-        html = _read_exact(fd_in, n).decode("utf-8", "surrogatepass")
+            pages.put(None)
+
+    threading.Thread(target=receive, daemon=True).start()
+    while (page := pages.get()) is not None:
+        if timeout_s > 0:
+            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        html = page.decode("utf-8", "surrogatepass")
         try:
-            status, out = 0, extract_text(html, options).encode("utf-8", "surrogatepass")
+            if max_depth > 0 and nesting_depth(html, max_depth) > max_depth:
+                status, out = TOO_DEEP, b""
+            else:
+                status, out = OK, extract_text(html, options).encode("utf-8", "surrogatepass")
         except Exception as err:  # noqa: BLE001 — reported to the parent, which counts it
-            status, out = 1, type(err).__name__.encode()
+            status, out = ERROR, type(err).__name__.encode()
+        signal.setitimer(signal.ITIMER_REAL, 0)
         _write_all(fd_out, struct.pack("<BI", status, len(out)) + out)
 
 
-class PageError(Exception):
-    """The extraction of one page raised (the exception's class name) or killed its process."""
-
-
 class ExtractWorker:
-    """A child process running `serve`; replaced when a page overruns its time or the child dies."""
+    """A child process running `serve`: pages go in with `submit`, come out in order with `result`.
 
-    def __init__(self, options: dict) -> None:
-        self.options = options
+    When the child dies (killed by its own timer, or crashed), the oldest page gets TIMEOUT (or DIED), a
+    new child starts, and the pages sent after that one are sent to it again.
+    """
+
+    def __init__(self, options: dict, timeout_s: float, max_depth: int) -> None:
+        self.args = [json.dumps(options), str(timeout_s), str(max_depth)]
+        self.timeout_s = timeout_s
         self.proc: subprocess.Popen | None = None
+        self.queue: deque[bytes] = deque()  # frames submitted and not answered yet, oldest first
 
-    def _start(self) -> subprocess.Popen:
+    def _start(self) -> None:
         """A new child, ready to extract (its start-up is not part of any page's time)."""
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llmforge.prep.extract", json.dumps(self.options)],
+            [sys.executable, "-m", "llmforge.prep.extract", *self.args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             bufsize=0,
@@ -150,7 +181,6 @@ class ExtractWorker:
         except (TimeoutError, EOFError):
             self.stop()
             raise OSError("the extraction worker (python -m llmforge.prep.extract) did not start") from None
-        return proc
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -161,32 +191,50 @@ class ExtractWorker:
                     pipe.close()
             self.proc = None
 
-    def extract(self, html: str, timeout_s: float) -> str:
-        """The page's text; TimeoutError past timeout_s (the child is killed), PageError if it fails."""
-        proc = self.proc if self.proc is not None and self.proc.poll() is None else self._start()
-        assert proc.stdin is not None and proc.stdout is not None
-        deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
-        data = html.encode("utf-8", "surrogatepass")
+    def _send(self, frame: bytes) -> None:
+        if self.proc is None:
+            self._start()
+        assert self.proc is not None and self.proc.stdin is not None
         try:
-            _write_all(proc.stdin.fileno(), struct.pack("<I", len(data)) + data)
-            status, n = struct.unpack("<BI", _read_exact(proc.stdout.fileno(), 5, deadline))
-            out = _read_exact(proc.stdout.fileno(), n, deadline)
-        except (TimeoutError, EOFError, BrokenPipeError) as err:
+            _write_all(self.proc.stdin.fileno(), frame)
+        except BrokenPipeError:  # the child died: `result` finds out which page it was on
+            pass
+
+    def submit(self, html: str) -> None:
+        data = html.encode("utf-8", "surrogatepass")
+        frame = struct.pack("<I", len(data)) + data
+        self.queue.append(frame)
+        self._send(frame)
+
+    def result(self) -> tuple[int, str]:
+        """(status, text or error name) of the oldest submitted page."""
+        assert self.queue and self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        # the child ends itself past timeout_s; the margin only guards against a child that cannot
+        deadline = time.monotonic() + self.timeout_s * len(self.queue) + 30 if self.timeout_s > 0 else None
+        try:
+            status, n = struct.unpack("<BI", _read_exact(fd, 5, deadline))
+            out = _read_exact(fd, n, deadline)
+        except (EOFError, TimeoutError):
+            code = self.proc.poll()
+            status = TIMEOUT if code == -signal.SIGALRM or code is None else DIED
             self.stop()
-            raise TimeoutError if isinstance(err, TimeoutError) else PageError("WorkerDied") from None
-        if status:
-            raise PageError(out.decode())
-        return out.decode("utf-8", "surrogatepass")
+            self.queue.popleft()
+            for frame in self.queue:  # what the dead child had not answered goes to the next one
+                self._send(frame)
+            return status, ""
+        self.queue.popleft()
+        return status, out.decode("utf-8", "surrogatepass")
 
 
 _WORKERS: dict[str, ExtractWorker] = {}
 
 
-def worker_for(options: dict) -> ExtractWorker:
-    """One child per process and set of options, reused by every Extract step of the process."""
-    key = json.dumps(options, sort_keys=True)
+def worker_for(options: dict, timeout_s: float, max_depth: int) -> ExtractWorker:
+    """One child per process and settings, reused by every Extract step of the process."""
+    key = json.dumps([options, timeout_s, max_depth], sort_keys=True)
     if key not in _WORKERS:
-        _WORKERS[key] = ExtractWorker(options)
+        _WORKERS[key] = ExtractWorker(options, timeout_s, max_depth)
     return _WORKERS[key]
 
 
@@ -197,7 +245,11 @@ def _stop_workers() -> None:
 
 
 class Extract(PipelineStep):
-    """HTML documents -> plain text (other content types pass through unchanged)."""
+    """HTML documents -> plain text (other content types pass through unchanged).
+
+    Pages are sent to the worker up to `ahead` pages (and AHEAD_CHARS characters) before their results
+    are read, so the child extracts while the steps after this one work on earlier documents.
+    """
 
     name = "extract"
 
@@ -209,32 +261,64 @@ class Extract(PipelineStep):
         max_depth: int = 1000,
         list_bullets: bool = True,
         alt_texts: bool = False,
+        ahead: int = 32,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        self.max_html_chars, self.timeout_s, self.max_depth = max_html_chars, timeout_s, max_depth
+        self.max_html_chars, self.timeout_s, self.max_depth, self.ahead = (
+            max_html_chars,
+            timeout_s,
+            max_depth,
+            ahead,
+        )
         self.options = {"main_content": main_content, "list_bullets": list_bullets, "alt_texts": alt_texts}
 
-    def process(self, doc: Document) -> Document | None:
-        if doc.metadata.get("content_type") != "text/html":
-            return doc
-        html = doc.text
-        if len(html) > self.max_html_chars:
-            html = html[: self.max_html_chars]
-            doc.metadata["html_truncated"] = True
-        if self.max_depth > 0 and nesting_depth(html, self.max_depth) > self.max_depth:
-            self.drop(doc, "too_deep")
-            return None
-        try:
-            text = worker_for(self.options).extract(html, self.timeout_s)
-        except TimeoutError:
-            self.drop(doc, "extract_timeout")
-            return None
-        except PageError as err:  # a page that breaks the parser (or its process) is counted, not fatal
-            self.drop(doc, f"extract_error:{err}")
-            return None
-        if not text.strip():
-            self.drop(doc, "no_text")
+    def worker(self) -> ExtractWorker:
+        return worker_for(self.options, self.timeout_s, self.max_depth)
+
+    def run(self, documents: Iterable[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        stats, worker = self.stats, self.worker()
+        waiting: deque[tuple[Document, int | None]] = deque()  # in input order; size of the page sent
+        chars = 0  # HTML at the worker
+        for doc in documents:
+            start = time.perf_counter()
+            stats.docs_in += 1
+            stats.chars_in += len(doc.text)
+            sent = None
+            if doc.metadata.get("content_type") == "text/html":
+                if len(doc.text) > self.max_html_chars:
+                    doc.text = doc.text[: self.max_html_chars]
+                    doc.metadata["html_truncated"] = True
+                worker.submit(doc.text)
+                sent = len(doc.text)
+            waiting.append((doc, sent))
+            chars += sent or 0
+            stats.seconds += time.perf_counter() - start
+            while waiting and (len(waiting) > self.ahead or chars > AHEAD_CHARS):
+                doc, size = waiting.popleft()
+                chars -= size or 0
+                if (out := self._finish(doc, worker, size)) is not None:
+                    yield out
+        while waiting:
+            doc, size = waiting.popleft()
+            if (out := self._finish(doc, worker, size)) is not None:
+                yield out
+
+    def _finish(self, doc: Document, worker: ExtractWorker, sent: int | None) -> Document | None:
+        """The document with its page's result (None if dropped), counted."""
+        start = time.perf_counter()
+        out = doc if sent is None else self._result(doc, worker)
+        if out is not None:
+            self.stats.docs_out += 1
+            self.stats.chars_out += len(out.text)
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+    def _result(self, doc: Document, worker: ExtractWorker) -> Document | None:
+        status, text = worker.result()
+        if status != OK or not text.strip():
+            reason = {TOO_DEEP: "too_deep", TIMEOUT: "extract_timeout", DIED: "extract_error:WorkerDied"}
+            self.drop(doc, reason.get(status) or (f"extract_error:{text}" if status == ERROR else "no_text"))
             return None
         doc.text = text
         doc.metadata["content_type"] = "text/plain"
@@ -244,4 +328,4 @@ class Extract(PipelineStep):
 if __name__ == "__main__":  # the child of ExtractWorker: its stdout carries only replies
     reply_fd = os.dup(1)
     os.dup2(2, 1)
-    serve(json.loads(sys.argv[1]), 0, reply_fd)
+    serve(json.loads(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), 0, reply_fd)
