@@ -203,9 +203,9 @@ class ExtractWorker:
         try:
             status, n = struct.unpack("<BI", _read_exact(fd, 5, deadline))
             out = _read_exact(fd, n, deadline)
-        except (EOFError, TimeoutError):
-            code = self.proc.poll()
-            status = TIMEOUT if code == -signal.SIGALRM or code is None else DIED
+        except (EOFError, TimeoutError) as err:
+            code = self.proc.wait() if isinstance(err, EOFError) else None  # None: still running
+            status = TIMEOUT if code in (None, -signal.SIGALRM) else DIED
             self.stop()
             self.queue.popleft()
             for frame in self.queue:  # what the dead child had not answered goes to the next one
