@@ -4,9 +4,11 @@ Inputs are local paths, globs, http(s) URLs, or a Common Crawl ``*.paths.gz`` li
 line, joined to a base URL). Downloads retry with backoff and resume a partial file with an HTTP Range
 request; a finished download is renamed into place, so a half-written file is never taken for a whole one.
 
-Reading never stops on bad input: a record that cannot be parsed, a truncated gzip member, a wrong
-Content-Length, a non-HTML payload or an undecodable body is counted under a reason and skipped, and the
-reader re-synchronises on the next record header (``WARC/1.x`` or a gzip member) after the damage.
+Reading never stops on bad input, and never lets part of a record through: a gzip member that does not
+inflate or is cut short, a record header that does not parse, a wrong Content-Length, a body that does not
+decode or inflates past the cap, a non-HTML payload: each is counted once under a reason and skipped, and
+the reader goes on at the next record (``WARC/1.x`` line) or gzip member that inflates to one (`_Records`).
+Inflating is done in bounded chunks, so no record, however its headers lie, costs more memory than the cap.
 """
 
 from __future__ import annotations
