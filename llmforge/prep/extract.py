@@ -15,6 +15,8 @@ Pages over `max_html_chars` are truncated at the cap (their head is usually the 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import json
 import os
 import queue
@@ -36,7 +38,8 @@ from llmforge.prep.step import PipelineStep
 
 READY = b"ready\n"
 START_TIMEOUT_S = 120.0  # python + resiliparse import, on a loaded machine
-AHEAD_CHARS = 8_000_000  # at most this much HTML waits at the extraction worker
+PIPE_BYTES = 1 << 20  # pipe buffers to and from the extraction worker (Linux's limit for everyone: 1 MiB)
+AHEAD_CHARS = PIPE_BYTES // 2  # at most this much HTML waits at the extraction worker
 # tags that never hold others (void) or whose end tag the next one implies, by their first two letters
 # (a one-letter name has 0 as its second): br hr img input li(nk) meta source wbr td tr th(ead)
 # tbody tfoot dd dt option rp rt p. Other names sharing these letters (ins, menu) are rare enough.
@@ -161,8 +164,11 @@ class ExtractWorker:
             bufsize=0,
             env={**os.environ, "PYTHONPATH": path},
         )
-        assert proc.stdout is not None
+        assert proc.stdin is not None and proc.stdout is not None
         self.proc = proc
+        for pipe in (proc.stdin, proc.stdout):  # room for the pages sent ahead and their texts
+            with contextlib.suppress(AttributeError, OSError):  # Linux only; the default (64 KiB) works
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         try:
             if _read_exact(proc.stdout.fileno(), len(READY), time.monotonic() + START_TIMEOUT_S) != READY:
                 raise EOFError
