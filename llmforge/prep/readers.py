@@ -445,8 +445,10 @@ def decode_content(body: bytes, encoding: str, cap: int) -> bytes:
     if encoding in ("", "identity", "none"):
         return body
     if encoding == "br":
-        import brotli
-
+        try:
+            import brotli
+        except ImportError:
+            raise DecodeError("br content encoding needs the brotli package") from None
         try:
             dec = brotli.Decompressor()
             out = dec.process(body, output_buffer_limit=cap + 1)
