@@ -3,6 +3,10 @@ the peak memory at 1x and 4x the corpus; (d) tokenize + write tokens/s vs a raw 
 the same texts, side by side in one process.
 
     python experiments/bench_prepare.py [--crawl data/demo-crawl] [--rounds 3]
+    python experiments/bench_prepare.py --against /path/to/other/checkout [--pairs 5]
+
+`--against` runs only the process stage of (c), alternating this checkout and the other one (same crawl,
+same Python) `--pairs` times, and prints each pair's docs/s ratio and the CPU seconds of all processes.
 
 (c) runs `python -m llmforge.prepare` with one worker (so docs/s is per core) into a fresh directory; the
 4x corpus is the demo crawl's files copied four times under new names (every copy is processed in full; the
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -26,12 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MEASURE = (
     "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    "r = resource.getrusage(resource.RUSAGE_CHILDREN); print(r.ru_utime + r.ru_stime, r.ru_maxrss)"
 )
 
 
-def run_prepare(inputs: str, out: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB of the largest process of the run), measured in a fresh parent."""
+def run_prepare(inputs: str, out: Path, root: Path = ROOT) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MiB of the largest process, CPU seconds of all its processes), measured
+    in a fresh parent, with the llmforge of `root`."""
     cmd = [
         sys.executable,
         "-m",
@@ -42,15 +48,47 @@ def run_prepare(inputs: str, out: Path) -> tuple[float, float]:
         "progress=false",
     ]
     start = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(root)}
     proc = subprocess.run(
-        [sys.executable, "-c", MEASURE, *cmd], check=True, cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-c", MEASURE, *cmd], check=True, cwd=root, capture_output=True, text=True, env=env
     )
-    return time.perf_counter() - start, int(proc.stdout.split()[-1]) / 1024
+    cpu, peak = proc.stdout.split()[-2:]
+    return time.perf_counter() - start, int(peak) / 1024, float(cpu)
+
+
+def process_rate(out: Path) -> float:
+    stats = json.loads((out / "stats.json").read_text())
+    return stats["totals"]["reader"]["documents"] / sum(s["seconds"] for s in stats["shards"])
+
+
+def compare(crawl: Path, against: Path, pairs: int, tmp: Path) -> None:
+    """Process-stage docs/s per core, this checkout vs another, alternating."""
+    ratios, rates, cpus = [], {"this": [], "other": []}, {"this": [], "other": []}
+    for k in range(pairs):
+        for name, root in (("other", against), ("this", ROOT)):
+            out = tmp / f"{name}-{k}"
+            _, _, cpu = run_prepare(f"{crawl}/*.warc.gz", out, root)
+            rates[name].append(process_rate(out))
+            cpus[name].append(cpu)
+            shutil.rmtree(out)
+        ratios.append(rates["this"][-1] / rates["other"][-1])
+        print(
+            f"pair {k}: this {rates['this'][-1]:.0f} docs/s, other {rates['other'][-1]:.0f} docs/s, "
+            f"ratio {ratios[-1]:.3f}; CPU s of the whole command {cpus['this'][-1]:.1f} vs "
+            f"{cpus['other'][-1]:.1f}"
+        )
+    med = statistics.median
+    print(
+        f"median process-stage docs/s per core: this {med(rates['this']):.0f}, "
+        f"other {med(rates['other']):.0f}"
+        f" (ratio of medians {med(rates['this']) / med(rates['other']):.3f}, median paired ratio "
+        f"{med(ratios):.3f}); median CPU s {med(cpus['this']):.1f} vs {med(cpus['other']):.1f}"
+    )
 
 
 def bench_steps(crawl: Path, tmp: Path) -> None:
     out = tmp / "c1"
-    wall, peak1 = run_prepare(f"{crawl}/*.warc.gz", out)
+    wall, peak1, _ = run_prepare(f"{crawl}/*.warc.gz", out)
     stats = json.loads((out / "stats.json").read_text())
     totals = stats["totals"]
     shard_seconds = sum(s["seconds"] for s in stats["shards"])
@@ -66,7 +104,8 @@ def bench_steps(crawl: Path, tmp: Path) -> None:
     print(
         f"process stage: {docs} documents in {shard_seconds:.2f} s wall = "
         f"{docs / shard_seconds:.0f} docs/s per core; {cpu_seconds:.2f} CPU s = "
-        f"{docs / cpu_seconds:.0f} docs per CPU-second (target >= 300 per core); "
+        f"{docs / cpu_seconds:.0f} docs per CPU-second of the worker process, not counting its extraction "
+        f"child (target >= 300 per core); "
         f"whole command {wall:.1f} s incl. start-up, dedup, tokenizer, tokenize"
     )
     big = tmp / "crawl4"
@@ -74,7 +113,7 @@ def bench_steps(crawl: Path, tmp: Path) -> None:
     for k in range(4):
         for p in sorted(crawl.glob("*.warc.gz")):
             shutil.copy(p, big / f"copy{k}-{p.name}")
-    _, peak4 = run_prepare(f"{big}/*.warc.gz", tmp / "c4")
+    _, peak4, _ = run_prepare(f"{big}/*.warc.gz", tmp / "c4")
     print(f"peak RSS: 1x corpus {peak1:.0f} MiB, 4x corpus {peak4:.0f} MiB (ratio {peak4 / peak1:.2f})")
 
 
@@ -118,12 +157,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--crawl", type=Path, default=ROOT / "data" / "demo-crawl")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--against", type=Path, help="another llmforge checkout to compare the process stage with")
+    p.add_argument("--pairs", type=int, default=5)
     args = p.parse_args()
     if not list(args.crawl.glob("*.warc.gz")):
         subprocess.run(
             [sys.executable, "-m", "llmforge.prep.demo_warc", str(args.crawl)], check=True, cwd=ROOT
         )
     with tempfile.TemporaryDirectory() as tmp:
+        if args.against:
+            compare(args.crawl.resolve(), args.against.resolve(), args.pairs, Path(tmp))
+            return
         bench_steps(args.crawl, Path(tmp))
         bench_tokenize(Path(tmp) / "c1", args.rounds)
 

@@ -143,6 +143,8 @@ class TokenizerConfig:
 
 @dataclass
 class ReaderConfig:
+    # a record whose block, decoded body (Content-Encoding) or extent up to the next record is larger is
+    # counted as too_large, never held whole in memory
     max_record_bytes: int = 10 << 20
 
 
@@ -151,7 +153,8 @@ class ExtractConfig:
     enabled: bool = True
     main_content: bool = True
     max_html_chars: int = 2_000_000
-    timeout_s: float = 5.0
+    timeout_s: float = 5.0  # wall-clock limit per page; the parsing process is killed past it
+    max_depth: int = 1000  # tag nesting above this is dropped as too_deep before parsing (0: no check)
 
 
 @dataclass

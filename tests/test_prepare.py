@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import random
 import subprocess
 import sys
 
+import pytest
+
 from llmforge.data.shards import ShardSet
+from llmforge.prep.pipeline import write_dropped_samples
 from llmforge.prep.writers import split_score
 from tests.conftest import clean_env, run_cli
 
@@ -126,3 +131,55 @@ def test_data_stage_never_imports_torch_or_lightning(tmp_path):
     tasks = [json.loads(p.read_text()) for p in (tmp_path / "ds" / "logs").glob("*/*.json")]
     workers = {t["pid"] for t in tasks if t["stage"] in ("process", "tokenize")}
     assert len(tasks) == 2 + 1 + 1 + 2 and len(workers) == 4 and driver.pid not in workers  # 2 per stage
+def warc_without_responses(path) -> None:
+    from warcio.warcwriter import WARCWriter
+
+    with open(path, "wb") as fh:
+        w = WARCWriter(fh, gzip=True)
+        w.write_record(w.create_warcinfo_record(path.name, {"software": "test"}))
+        for i in range(3):
+            request = w.create_warc_record(f"https://e.org/{i}", "request", payload=io.BytesIO(b"GET /"))
+            w.write_record(request)
+
+
+@pytest.mark.parametrize("kind", ["empty", "random", "no-responses"])
+def test_no_surviving_document_stops_with_one_line(tmp_path, kind):
+    path = tmp_path / "in.warc.gz"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random":
+        path.write_bytes(random.Random(0).randbytes(50_000))
+    else:
+        warc_without_responses(path)
+    out = tmp_path / "ds"
+    proc = run_cli("llmforge.prepare", f"input={path}", f"output_dir={out}", "progress=false", cwd=tmp_path)
+    expected = {
+        "empty": "no document survived: the 1 input(s) held no record to read",
+        "random": "no document survived: step 'read' dropped the most (1: malformed:header: 1)",
+        "no-responses": "no document survived: step 'read' dropped the most (4: record_type:request: 3, "
+        "record_type:warcinfo: 1)",
+    }[kind]
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {expected}"], proc.stderr
+    assert not (out / "manifest.json").exists() and not (out / "work" / "tokenizer").exists()
+
+
+def test_dropped_samples_of_reasons_that_no_longer_occur_are_removed(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "ds"
+    (work / "process").mkdir(parents=True)
+    sample = {"id": "x", "url": None, "text": "t"}
+
+    def run(reasons: dict[str, list[str]]) -> set[str]:
+        dropped = {step: {r: [sample] for r in rs} for step, rs in reasons.items()}
+        (work / "process" / "00000.dropped.json").write_text(json.dumps(dropped))
+        write_dropped_samples(work, out, 1, cap=5)
+        return {str(p.relative_to(out / "dropped")) for p in (out / "dropped").rglob("*")}
+
+    assert run({"extract": ["no_text"], "language": ["language:de", "language:fr"]}) == {
+        "extract",
+        "extract/no_text.jsonl",
+        "language",
+        "language/language_de.jsonl",
+        "language/language_fr.jsonl",
+    }
+    # e.g. language.languages=[en,de]: German pages are kept now, and extraction drops nothing
+    assert run({"extract": [], "language": ["language:fr"]}) == {"language", "language/language_fr.jsonl"}

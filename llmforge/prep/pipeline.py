@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -484,17 +485,25 @@ def funnel_report(process_stats: list[dict], dedup: dict, tokenize: list[dict]) 
 
 
 def write_dropped_samples(work: Path, out: Path, n_shards: int, cap: int) -> None:
+    """`dropped/<step>/<reason>.jsonl` for this run's reasons; files of reasons that no longer occur go."""
     merged: dict[str, dict[str, list]] = {}
     for i in range(n_shards):
         for step, reasons in json.loads((work / "process" / f"{i:05d}.dropped.json").read_text()).items():
             for reason, samples in reasons.items():
                 bucket = merged.setdefault(step, {}).setdefault(reason, [])
                 bucket.extend(samples[: max(0, cap - len(bucket))])
+    written: set[Path] = set()
     for step, reasons in merged.items():
         for reason, samples in reasons.items():
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in reason)
             body = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
             write_atomic(out / "dropped" / step / f"{safe}.jsonl", body.encode())
+            written.add(out / "dropped" / step / f"{safe}.jsonl")
+    for stale in set((out / "dropped").glob("*/*.jsonl")) - written:
+        stale.unlink()
+    for folder in (out / "dropped").glob("*"):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def finalize(
@@ -560,6 +569,22 @@ def plan_sources(inputs: list[str], files_per_shard: int) -> list[str | list[str
     return [*crawl, *groups]
 
 
+def check_survivors(process_stats: list[dict]) -> None:
+    """ValueError (one line: the step that dropped the most) when no document came through the steps."""
+    if sum(s["kept"] for s in process_stats):
+        return
+    drops: dict[str, Counter] = {"read": Counter()}
+    for s in process_stats:
+        drops["read"].update((s.get("reader") or {}).get("skipped") or {})
+        for st in s["steps"]:
+            drops.setdefault(st["name"], Counter()).update(st["dropped"])
+    step, reasons = max(drops.items(), key=lambda kv: kv[1].total())
+    if not reasons:
+        raise ValueError(f"no document survived: the {len(process_stats)} input(s) held no record to read")
+    top = ", ".join(f"{r}: {c}" for r, c in reasons.most_common(3))
+    raise ValueError(f"no document survived: step {step!r} dropped the most ({reasons.total()}: {top})")
+
+
 def run_pipeline(cfg: dict, inputs: list[str], out_dir: Path, executor) -> dict:
     """Runs (or resumes) every stage; returns the manifest."""
     out = Path(out_dir)
@@ -577,6 +602,7 @@ def run_pipeline(cfg: dict, inputs: list[str], out_dir: Path, executor) -> dict:
         cached=process_cached,
         count=documents_read,
     )
+    check_survivors(process_stats)
     dedup = executor.run(dedup_stage, cfg, str(work), n, label="dedup")
     executor.run(tokenizer_stage, cfg, str(work), n, label="tokenizer", cached=tokenizer_cached)
     tokenize = executor.map(
