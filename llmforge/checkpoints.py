@@ -26,7 +26,7 @@ import os
 import pickle
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -648,11 +648,17 @@ def load_sharded(ckpt_dir: str | os.PathLike, weights_only: bool = False) -> dic
 
 
 def consolidate(
-    ckpt_dir: str | os.PathLike, out: str | os.PathLike | None = None, weights_only: bool = False
+    ckpt_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    weights_only: bool = False,
+    status: Callable[[str], None] = lambda phase: None,
 ) -> Path:
-    """Write ``ckpt_dir`` as one ``.ckpt`` file (atomically: a temporary file, then a rename)."""
+    """Write ``ckpt_dir`` as one ``.ckpt`` file (atomically: a temporary file, then a rename); ``status``
+    hears each phase (reading, writing) as it starts."""
     target = Path(out) if out is not None else default_output(Path(ckpt_dir))
+    status(f"reading {ckpt_dir}")
     checkpoint = load_sharded(ckpt_dir, weights_only=weights_only)
+    status(f"writing {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
     torch.save(checkpoint, tmp)

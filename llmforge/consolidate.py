@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rich.console import Console
+
 from llmforge.checkpoints import consolidate
 
 
@@ -38,7 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
-        target = consolidate(args.ckpt_dir, args.out, weights_only=args.weights_only)
+        with Console(stderr=True).status("consolidating") as spinner:
+            target = consolidate(
+                args.ckpt_dir, args.out, weights_only=args.weights_only, status=spinner.update
+            )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

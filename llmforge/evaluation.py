@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -90,8 +89,9 @@ def evaluate(
     progress: bool = True,
 ) -> dict:
     """Score ``split`` of the shard set at ``data_path`` with the module's own collate and loss."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -112,22 +112,30 @@ def evaluate(
     nbytes = token_bytes(data_path / TOKENIZER_FILE, module.model_cfg.vocab_size)
     nats, tokens, total_bytes, extra_sums = 0.0, 0, 0, {}
     start = time.perf_counter()
-    bar = tqdm(total=n_batches, desc=f"eval {split}", unit="batch", disable=not progress, file=sys.stderr)
-    for i, batch in enumerate(loader):
-        if i == n_batches:
-            break
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with _autocast(precision, device):
-            loss, n, extra = module.loss(batch)
-        nats += float(loss) * n
-        tokens += n
-        for key in module.metric_names:
-            extra_sums[key] = extra_sums.get(key, 0.0) + float(extra[key]) * n
-        labels = batch["labels"]
-        total_bytes += int(nbytes[labels[labels != IGNORE_INDEX].cpu().numpy()].sum())
-        bar.update(1)
-        bar.set_postfix(loss=f"{nats / max(tokens, 1):.4f}")
-    bar.close()
+    bar = Progress(
+        TextColumn("eval {task.fields[split]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("batches  loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not progress,
+    )
+    with bar:
+        task = bar.add_task("eval", total=n_batches, split=split, loss="-")
+        for i, batch in enumerate(loader):
+            if i == n_batches:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with _autocast(precision, device):
+                loss, n, extra = module.loss(batch)
+            nats += float(loss) * n
+            tokens += n
+            for key in module.metric_names:
+                extra_sums[key] = extra_sums.get(key, 0.0) + float(extra[key]) * n
+            labels = batch["labels"]
+            total_bytes += int(nbytes[labels[labels != IGNORE_INDEX].cpu().numpy()].sum())
+            bar.update(task, advance=1, loss=f"{nats / max(tokens, 1):.4f}")
     if tokens == 0:
         raise ValueError("no token was scored")
     mean = nats / tokens

@@ -84,6 +84,12 @@ def test_no_module_imports_an_entry_point():
     assert not wrong, "\n".join(wrong)
 
 
+def test_one_progress_style():
+    # prepare, train, evaluate and consolidate report progress through Rich, none through tqdm
+    users = [str(p.relative_to(ROOT)) for p in library_modules() if "tqdm" in imported_modules(p)]
+    assert not users, users
+
+
 def test_imported_modules_reads_relative_and_package_imports(tmp_path):
     # the checker itself: `from llmforge import generate` names llmforge.generate
     names = imported_modules(PACKAGE / "callbacks" / "__init__.py")
