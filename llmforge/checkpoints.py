@@ -671,3 +671,52 @@ def strategy_load(strategy: Any, path: str | os.PathLike) -> dict[str, Any]:
     that `verify_for_resume` accepted, read with ``weights_only=True``."""
     verify_for_resume(path)
     return strategy.load_checkpoint(path, weights_only=True)
+
+
+# -- a resumed checkpoint fits this run ---------------------------------------------------------------------
+def check_resume_fits(module: nn.Module, path: str | os.PathLike) -> None:
+    """Before Lightning loads ``path`` into ``module``: every tensor of the model and of the AdamW state
+    has this run's shape (else one line naming the file and the tensor, not a size-mismatch dump or a
+    crash at the first optimizer step). A sharded directory is checked by torch.distributed.checkpoint."""
+    from llmforge.objectives.base import param_groups
+
+    p = Path(path)
+    if not p.is_file():
+        return
+    ckpt = safe_load(p)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{p}: not a Lightning checkpoint (no state_dict)")
+    ours, theirs = module.state_dict(), ckpt["state_dict"]
+    for key, tensor in ours.items():
+        if key not in theirs:
+            raise ValueError(f"{p}: tensor {key} of this run's model is missing from the checkpoint")
+        if tuple(theirs[key].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"{p}: tensor {key} has shape {tuple(theirs[key].shape)} there, {tuple(tensor.shape)} in "
+                "this run's model (resume needs the same model settings)"
+            )
+    extra = sorted(set(theirs) - set(ours))
+    if extra:
+        raise ValueError(f"{p}: tensor {extra[0]} is not in this run's model ({len(extra)} such)")
+    states = ckpt.get("optimizer_states") or []
+    if not states:
+        return
+    names = {id(t): f"model.{n}" for n, t in module.model.named_parameters()}
+    groups = param_groups(module.model, 0.0)
+    params = [q for g in groups for q in g["params"]]
+    saved = states[0]
+    sizes = [len(g.get("params", [])) for g in saved.get("param_groups", [])]
+    if sizes and sizes != [len(g["params"]) for g in groups]:
+        raise ValueError(
+            f"{p}: optimizer_states has parameter groups of sizes {sizes}, this run's optimizer "
+            f"{[len(g['params']) for g in groups]}"
+        )
+    for index, state in (saved.get("state") or {}).items():
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            raise ValueError(f"{p}: optimizer state for parameter {index!r}, this run has {len(params)}")
+        for name, value in state.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != params[index].shape:
+                raise ValueError(
+                    f"{p}: optimizer state {name} of {names.get(id(params[index]), index)} has shape "
+                    f"{tuple(value.shape)} there, {tuple(params[index].shape)} in this run's model"
+                )

@@ -7,7 +7,9 @@ Values drawn from a fixed set are checked by `validate`, which names the key and
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -200,13 +202,42 @@ class PrepareConfig:
     progress: bool = True
 
 
+# What a ``_target_`` anywhere in a train config may name: llmforge's own classes, PyTorch and Lightning.
+# Anything else (``shutil.copyfile``, ``builtins.open`` from a command-line override) is refused before
+# anything is instantiated.
+ALLOWED_TARGETS = ("llmforge.", "torch.", "lightning.")
+
+
+def check_targets(node: Any, prefix: str = "") -> None:
+    """Walks a composed config; every ``_target_`` must name something under `ALLOWED_TARGETS`."""
+    if OmegaConf.is_dict(node):
+        items = [(str(k), f"{prefix}{k}") for k in node.keys()]
+    elif OmegaConf.is_list(node):
+        items = [(i, f"{prefix[:-1]}[{i}].") for i in range(len(node))]
+    else:
+        return
+    for key, path in items:
+        if key == "_target_":
+            target = node[key]
+            if not (isinstance(target, str) and target.startswith(ALLOWED_TARGETS)):
+                raise ValueError(
+                    f"{path}={target!r} is refused: a _target_ must name a class under "
+                    f"{', '.join(a + '*' for a in ALLOWED_TARGETS)}"
+                )
+            continue
+        child = node._get_node(key)
+        if OmegaConf.is_dict(child) or OmegaConf.is_list(child):
+            check_targets(child, f"{path}." if not path.endswith(".") else path)
+
+
 def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
 
 
 def validate(cfg: Any) -> None:
-    """Checks the composed train config beyond types: choices and cross-field rules."""
+    """Checks the composed train config beyond types: targets, choices, ranges and cross-field rules."""
+    check_targets(cfg)
     check_choice("precision.value", cfg.precision.value, PRECISIONS)
     check_choice("strategy.name", cfg.strategy.name, STRATEGIES)
     check_choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
@@ -219,6 +250,7 @@ def validate(cfg: Any) -> None:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     if cfg.trainer.max_steps <= 0:
         raise ValueError(f"trainer.max_steps must be positive, got {cfg.trainer.max_steps}")
+    check_ranges(cfg)
     if cfg.precision.value == "16-mixed" and cfg.hardware.accelerator == "cpu":
         raise ValueError("precision.value='16-mixed' needs a GPU; on CPU use bf16-mixed or bf16-true")
     if cfg.precision.value == "16-mixed" and cfg.strategy.name == "fsdp":
@@ -226,6 +258,80 @@ def validate(cfg: Any) -> None:
             "precision.value='16-mixed' is not supported with strategy.name='fsdp' (Lightning's "
             "ModelParallelStrategy has no fp16 loss scaling): use bf16-mixed or bf16-true"
         )
+
+
+def check_range(key: str, value: Any, low: float | None, high: float | None = None, *,
+                none_ok: bool = False) -> None:
+    """``value`` within [low, high] (either end open when None), or None when ``none_ok``."""
+    if value is None and none_ok:
+        return
+    if value is None or (low is not None and value < low) or (high is not None and value > high):
+        lo = "" if low is None else f">= {low}"
+        hi = "" if high is None else f"<= {high}"
+        allowed = " and ".join(x for x in (lo, hi) if x) + (" or null" if none_ok else "")
+        raise ValueError(f"{key}={value!r} is out of range: allowed {allowed}")
+
+
+def check_devices(devices: Any) -> None:
+    """Lightning's ``devices``: a count >= 1, -1 (all), "auto", or a list of device indices."""
+    value = OmegaConf.to_container(devices) if OmegaConf.is_config(devices) else devices
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    ok = (
+        value == "auto"
+        or (isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or value == -1))
+        or (isinstance(value, list) and value and all(isinstance(i, int) and i >= 0 for i in value))
+    )
+    if not ok:
+        raise ValueError(
+            f"hardware.devices={value!r} is out of range: allowed a count >= 1, -1 (all), auto, "
+            "or a list of device indices"
+        )
+
+
+def check_ranges(cfg: Any) -> None:
+    """Numeric knobs a run cannot use, each named with its allowed range (one line)."""
+    t, o = cfg.trainer, cfg.optim
+    check_devices(cfg.hardware.devices)
+    check_range("hardware.num_nodes", cfg.hardware.num_nodes, 1)
+    check_range("trainer.accumulate_grad_batches", t.accumulate_grad_batches, 1)
+    check_range("trainer.ckpt_every_n_steps", t.ckpt_every_n_steps, 1)
+    check_range("trainer.val_check_interval", t.val_check_interval, 1)
+    check_range("trainer.log_every_n_steps", t.log_every_n_steps, 1)
+    check_range("trainer.limit_val_batches", t.limit_val_batches, 0)
+    check_range("trainer.gradient_clip_val", t.gradient_clip_val, 0, none_ok=True)
+    check_range("optim.lr", o.lr, 0)
+    check_range("optim.warmup_steps", o.warmup_steps, 0)
+    check_range("optim.min_lr_ratio", o.min_lr_ratio, 0, 1)
+    check_range("optim.weight_decay", o.weight_decay, 0)
+    check_range("optim.decay_steps", o.decay_steps, 1, none_ok=True)
+    for i, beta in enumerate(o.betas):
+        check_range(f"optim.betas[{i}]", beta, 0, 1)
+    check_range("data.batch_size", cfg.data.batch_size, 1)
+    check_range("data.seq_len", cfg.data.seq_len, 2)
+
+
+def check_hardware(cfg: Any) -> None:
+    """What this machine has: ``hardware.accelerator=gpu`` needs a visible CUDA GPU (checked at run time,
+    not by `validate`, so that GPU configs compose and validate anywhere)."""
+    import torch
+
+    if cfg.hardware.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"hardware.accelerator={cfg.hardware.accelerator!r} but no CUDA GPU is visible on this machine: "
+            "allowed here cpu (hardware=cpu)"
+        )
+
+
+def check_group_overrides(args: list[str], conf_dir: Path) -> None:
+    """A config-group override with a bare number (``precision=32``) is read by Hydra as an integer and
+    fails deep inside it: name the group and its options instead."""
+    for arg in args:
+        m = re.fullmatch(r"[+~]?([\w.]+)=(-?[\d.]+)", arg)
+        if m and (conf_dir / m.group(1)).is_dir():
+            group = m.group(1)
+            options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+            raise ValueError(f"{arg}: {group} is a config group; allowed options: {', '.join(options)}")
 
 
 def gpus_per_node(accelerator: str, devices: Any) -> Any:

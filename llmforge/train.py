@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from llmforge.config import register
+from llmforge.config import check_group_overrides, register
 
 register()
 
@@ -27,7 +28,7 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         result = run(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except (ValueError, OSError, KeyError) as err:  # OSError: a full disk at a checkpoint, a taken run dir
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except DivergenceError as err:  # the stability guard stopped the run (callbacks.guard)
@@ -52,4 +53,9 @@ def _is_rank_zero() -> bool:
 
 
 if __name__ == "__main__":
+    try:  # `precision=32` would reach Hydra as an integer group choice and fail with a traceback
+        check_group_overrides(sys.argv[1:], Path(__file__).resolve().parent.parent / "conf")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmforge import slurm
 from llmforge.callbacks import DivergenceError, RunManifest, StabilityGuard
-from llmforge.checkpoints import verify_for_resume
-from llmforge.config import validate
+from llmforge.checkpoints import check_resume_fits, verify_for_resume
+from llmforge.config import check_hardware, validate
 from llmforge.data.datamodule import ShardDataModule
 from llmforge.data.shards import read_manifest
 from llmforge.objectives.base import PretrainModule
@@ -231,6 +231,7 @@ def save_last(trainer: L.Trainer, ckpt_dir: Path) -> Path:
 
 def run(cfg: DictConfig) -> RunResult:
     validate(cfg)
+    check_hardware(cfg)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if cfg.hardware.tune_malloc:
@@ -242,6 +243,8 @@ def run(cfg: DictConfig) -> RunResult:
         verify_for_resume(ckpt_path)
 
     module = build_module(cfg, data_manifest)
+    if ckpt_path is not None:
+        check_resume_fits(module, ckpt_path)
     if cfg.init_from and ckpt_path is None:  # continued pre-training; a resumed run has its own weights
         from lightning.pytorch.utilities import rank_zero_info
 
