@@ -260,8 +260,9 @@ def validate(cfg: Any) -> None:
         )
 
 
-def check_range(key: str, value: Any, low: float | None, high: float | None = None, *,
-                none_ok: bool = False) -> None:
+def check_range(
+    key: str, value: Any, low: float | None, high: float | None = None, *, none_ok: bool = False
+) -> None:
     """``value`` within [low, high] (either end open when None), or None when ``none_ok``."""
     if value is None and none_ok:
         return

@@ -169,7 +169,11 @@ def test_gpu_without_gpu_is_one_line():
         (("precision=32",), "precision is a config group; allowed options: 16-mixed, 32-true"),
         (("trainer.accumulate_grad_batches=0",), "trainer.accumulate_grad_batches=0 is out of range"),
         (
-            ("+callbacks.evil._target_=shutil.copyfile", "+callbacks.evil.src=src", "+callbacks.evil.dst=dst"),
+            (
+                "+callbacks.evil._target_=shutil.copyfile",
+                "+callbacks.evil.src=src",
+                "+callbacks.evil.dst=dst",
+            ),
             "callbacks.evil._target_='shutil.copyfile' is refused",
         ),
     ],
@@ -240,7 +244,9 @@ def test_wrong_shaped_optimizer_state_names_file_and_tensor(tiny_module, tmp_pat
     state = ckpt["optimizer_states"][0]["state"][0]
     state["exp_avg"] = torch.zeros(3, 3)
     torch.save(ckpt, tmp_path / "opt.ckpt")
-    with pytest.raises(ValueError, match=r"opt.ckpt: optimizer state exp_avg of model\.\S+ has shape \(3, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"opt.ckpt: optimizer state exp_avg of model\.\S+ has shape \(3, 3\)"
+    ):
         check_resume_fits(module, tmp_path / "opt.ckpt")
 
 
