@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from llmforge import slurm
@@ -24,6 +27,8 @@ from llmforge.config import check_hardware, validate
 from llmforge.data.datamodule import ShardDataModule
 from llmforge.data.shards import read_manifest
 from llmforge.objectives.base import PretrainModule
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -149,14 +154,10 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
-    if slurm.restart_count() > 0:
+    if slurm.restart_count() > 0 and cfg.resume in (None, "", "never", "auto"):
         # SLURM started this job again (requeue before the time limit, preemption): go on from where
         # it stopped, whatever `resume` says; nothing saved yet: the first attempt's start
-        last = ckpt_dir / "last.ckpt"
-        if last.exists():
-            return str(last)
-        if cfg.resume in (None, "", "never", "auto"):
-            return None
+        return newest_loadable(ckpt_dir)
     if cfg.resume in (None, "", "never"):
         if any(ckpt_dir.glob("*.ckpt")):
             raise FileExistsError(
@@ -165,12 +166,48 @@ def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
             )
         return None
     if cfg.resume == "auto":
-        last = ckpt_dir / "last.ckpt"
-        return str(last) if last.exists() else None  # a file, or a directory when sharded
+        return newest_loadable(ckpt_dir)
     path = Path(cfg.resume)
     if not path.exists():
         raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint")
     return str(path)
+
+
+STEP_CHECKPOINT = re.compile(r"step\d+(-v\d+)?\.ckpt")
+
+
+def resume_candidates(ckpt_dir: Path) -> list[Path]:
+    """``last.ckpt`` and the ``step*.ckpt`` checkpoints (files, or directories when sharded), newest
+    first: by modification time, ``last.ckpt`` first among equals (it is written right after its step
+    checkpoint, and is the last good one after the stability guard stopped a run)."""
+    found = [p for p in ckpt_dir.glob("*.ckpt") if p.name == "last.ckpt" or STEP_CHECKPOINT.fullmatch(p.name)]
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
+
+
+def newest_loadable(ckpt_dir: Path) -> str | None:
+    """``resume=auto``: the newest checkpoint in ``ckpt_dir`` that loads, saying which ones were skipped
+    and why (damaged, or refused because it holds code: `CheckpointRefused`); None (a fresh start) only
+    when there is none at all. When none loads the run stops rather than starting over on top of them."""
+    candidates = resume_candidates(ckpt_dir) if ckpt_dir.is_dir() else []
+    skipped = []
+    for path in candidates:
+        try:
+            verify_for_resume(path)
+        except (ValueError, OSError) as err:  # CheckpointRefused is a ValueError
+            skipped.append(f"{path.name} ({err})")
+            if rank_zero_only.rank == 0:
+                log.warning(f"resume=auto: skipping {path}: it does not load ({err})")
+            continue
+        if rank_zero_only.rank == 0:
+            why = f" (newer ones do not load: {'; '.join(skipped)})" if skipped else ""
+            log.warning(f"resume=auto: resuming from {path}{why}")
+        return str(path)
+    if candidates:
+        raise ValueError(
+            f"resume=auto: no checkpoint in {ckpt_dir} loads ({'; '.join(skipped)}); move them aside to "
+            "start over, or pass resume=<file>"
+        )
+    return None
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:

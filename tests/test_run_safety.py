@@ -1,0 +1,85 @@
+"""A run's files survive crashes, full disks and a second run (issue 12, items 4-7).
+
+- ``resume=auto`` resumes from the newest checkpoint that loads, says which newer ones it skipped and why,
+  and starts over only when there is no checkpoint at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from llmforge.training import resolve_resume
+
+
+def _save(path: Path, step: int, age: float) -> Path:
+    """A loadable stand-in for a Lightning checkpoint, ``age`` seconds old."""
+    torch.save({"global_step": step, "state_dict": {"w": torch.zeros(2)}}, path)
+    t = time.time() - age
+    os.utime(path, (t, t))
+    return path
+
+
+def _auto(ckpt_dir: Path) -> str | None:
+    return resolve_resume(OmegaConf.create({"resume": "auto"}), ckpt_dir)
+
+
+def test_killed_before_first_last_ckpt_resumes_from_newest_step(tmp_path):
+    _save(tmp_path / "step0000002.ckpt", 2, age=20)
+    newest = _save(tmp_path / "step0000004.ckpt", 4, age=10)
+    assert _auto(tmp_path) == str(newest)
+
+
+def test_corrupt_last_is_skipped_with_a_line(tmp_path, caplog):
+    _save(tmp_path / "step0000002.ckpt", 2, age=30)
+    good = _save(tmp_path / "step0000004.ckpt", 4, age=20)
+    (tmp_path / "last.ckpt").write_bytes(good.read_bytes()[:100])  # truncated: the newest file
+    with caplog.at_level(logging.WARNING, logger="llmforge.training"):
+        assert _auto(tmp_path) == str(good)
+    text = caplog.text
+    assert "skipping" in text and "last.ckpt" in text and "not a readable checkpoint" in text, text
+    assert f"resuming from {good}" in text
+
+
+def test_newest_wins_over_stale_last(tmp_path):
+    _save(tmp_path / "last.ckpt", 2, age=30)
+    newest = _save(tmp_path / "step0000004.ckpt", 4, age=10)  # saved, killed before last.ckpt followed
+    assert _auto(tmp_path) == str(newest)
+
+
+def test_fresh_start_only_without_checkpoints(tmp_path):
+    assert _auto(tmp_path / "missing") is None
+    assert _auto(tmp_path) is None
+    (tmp_path / "last.consolidated.ckpt").write_bytes(b"not a training checkpoint")
+    assert _auto(tmp_path) is None
+
+
+def test_all_damaged_stops_instead_of_starting_over(tmp_path):
+    (tmp_path / "last.ckpt").write_bytes(b"garbage")
+    (tmp_path / "step0000002.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match="no checkpoint in .* loads"):
+        _auto(tmp_path)
+
+
+def test_hostile_last_is_skipped_and_never_run(tmp_path, caplog):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.write_text, ("ran",))
+
+    good = _save(tmp_path / "step0000002.ckpt", 2, age=30)
+    with open(tmp_path / "last.ckpt", "wb") as f:
+        pickle.dump({"x": Payload()}, f)
+    with caplog.at_level(logging.WARNING, logger="llmforge.training"):
+        assert _auto(tmp_path) == str(good)
+    assert "last.ckpt: refused to load" in caplog.text
+    assert not marker.exists()
