@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import math
+import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ from llmforge.data.shards import read_manifest
 from llmforge.objectives.base import PretrainModule
 
 log = logging.getLogger(__name__)
+LOCK_FILE = "run.lock"
 
 
 @dataclass
@@ -266,9 +271,48 @@ def save_last(trainer: L.Trainer, ckpt_dir: Path) -> Path:
     return last
 
 
+def is_launcher_rank_zero() -> bool:
+    """This process is rank 0 of the job as launched (before any process group exists): every rank
+    variable a launcher sets (torchrun, SLURM, Lightning's own subprocesses) is absent or 0."""
+    names = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+    return all(os.environ.get(n, "0") == "0" for n in names)
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """One run per run dir: rank 0 holds an exclusive ``flock`` on ``<run_dir>/run.lock`` for the run's
+    life (the kernel drops it when the process ends, however it ends); a second run is refused at once."""
+    if not is_launcher_rank_zero():
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise FileExistsError(
+            f"{run_dir} is in use by another run (pid {holder}, lock {path}): wait for it, or choose "
+            "another name= / run_dir="
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
 def run(cfg: DictConfig) -> RunResult:
     validate(cfg)
     check_hardware(cfg)
+    with run_dir_lock(Path(cfg.run_dir)):
+        return locked_run(cfg)
+
+
+def locked_run(cfg: DictConfig) -> RunResult:
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if cfg.hardware.tune_malloc:

@@ -83,3 +83,54 @@ def test_hostile_last_is_skipped_and_never_run(tmp_path, caplog):
         assert _auto(tmp_path) == str(good)
     assert "last.ckpt: refused to load" in caplog.text
     assert not marker.exists()
+
+
+# -- item 6: one run per run dir -------------------------------------------------------------------------
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from llmforge.training import run_dir_lock
+with run_dir_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_second_run_into_a_locked_run_dir_is_refused(tmp_path, tiny_data):
+    import subprocess
+    import sys
+
+    from tests.conftest import clean_env, run_cli
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run_dir)], env=clean_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = [
+            f"data.path={tiny_data}",
+            f"run_dir={run_dir}",
+            "debug=fast",
+            "trainer.enable_progress_bar=false",
+        ]
+        proc = run_cli("llmforge.train", *args, cwd=tmp_path, timeout=180)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{run_dir} is in use by another run (pid {holder.pid}" in lines[0], (
+        proc.stderr
+    )
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_lock_is_released_after_a_run(tmp_path):
+    from llmforge.training import run_dir_lock
+
+    with run_dir_lock(tmp_path), pytest.raises(FileExistsError, match="in use by another run"):
+        with run_dir_lock(tmp_path):  # a second open of the lock file: refused even in one process
+            pass
+    with run_dir_lock(tmp_path):  # released when the first run ended
+        pass
