@@ -19,11 +19,13 @@ DCP metadata freely) is given it.
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import json
 import os
 import pickle
+import shutil
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -720,3 +722,66 @@ def check_resume_fits(module: nn.Module, path: str | os.PathLike) -> None:
                     f"{p}: optimizer state {name} of {names.get(id(params[index]), index)} has shape "
                     f"{tuple(value.shape)} there, {tuple(params[index].shape)} in this run's model"
                 )
+
+
+# -- writing -----------------------------------------------------------------------------------------------
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (a full disk, a quota): the previous file at that path is intact."""
+
+
+TMP_MARK = ".tmp-"  # `atomic_write`'s temporary names: .<name>.tmp-<pid>
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> None:
+    """``write(file)`` into a temporary file next to ``path`` (same filesystem), fsync it, rename it over
+    ``path`` and fsync the directory: ``path`` is the old file or the complete new one, never a truncated
+    one. On any failure the temporary file is removed and `CheckpointSaveError` names ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except (OSError, RuntimeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        if not isinstance(err, OSError) and shutil.disk_usage(path.parent).free < 1 << 20:
+            reason = os.strerror(errno.ENOSPC)  # torch.save's zip writer words it "unexpected pos ..."
+        tmp.unlink(missing_ok=True)
+        raise CheckpointSaveError(
+            f"{path}: could not be saved ({reason}); the previous checkpoint there is unchanged"
+        ) from None
+
+
+def remove_interrupted_writes(directory: Path) -> list[Path]:
+    """Temporary files of saves that a killed process left behind (`atomic_write`, `copy_checkpoint`)."""
+    if not directory.is_dir():
+        return []
+    left = [p for p in directory.iterdir() if TMP_MARK in p.name or p.name.endswith(".ckpt.tmp")]
+    for p in left:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return left
+
+
+def atomic_checkpoint_io() -> Any:
+    """Lightning's `TorchCheckpointIO` writing through `atomic_write` (its own writes go through a
+    temporary file in ``$TMPDIR``, then a copy over the old file: a full disk truncates the checkpoint)."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            if storage_options is not None:
+                raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+    return AtomicCheckpointIO()

@@ -26,7 +26,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmforge import slurm
 from llmforge.callbacks import DivergenceError, RunManifest, StabilityGuard
-from llmforge.checkpoints import check_resume_fits, verify_for_resume
+from llmforge.checkpoints import (
+    TMP_MARK,
+    CheckpointSaveError,
+    atomic_checkpoint_io,
+    atomic_write,
+    check_resume_fits,
+    remove_interrupted_writes,
+    verify_for_resume,
+)
 from llmforge.config import check_hardware, validate
 from llmforge.data.datamodule import ShardDataModule
 from llmforge.data.shards import read_manifest
@@ -216,13 +224,19 @@ def newest_loadable(ckpt_dir: Path) -> str | None:
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:
-    """Replace dst by a copy of src (a file, or a directory for sharded checkpoints), atomically."""
-    tmp = dst.with_name(dst.name + ".tmp")
+    """Replace dst by a copy of src (a file, or a directory for sharded checkpoints), atomically: dst is
+    the old checkpoint or the complete copy (a file through `atomic_write`, fsynced)."""
+    if src.is_file():
+        with open(src, "rb") as f:
+            atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 22))
+        return
+    tmp = dst.with_name(f".{dst.name}{TMP_MARK}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if src.is_dir():
+    try:
         shutil.copytree(src, tmp)
-    else:
-        shutil.copyfile(src, tmp)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointSaveError(f"{dst}: could not be saved ({err}); the old one is unchanged") from None
     if dst.is_dir():
         shutil.rmtree(dst)
     tmp.replace(dst)
@@ -305,6 +319,12 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def checkpoint_io(cfg: DictConfig) -> list[Any]:
+    """Checkpoint files are written atomically (`atomic_checkpoint_io`); ``strategy=fsdp`` writes sharded
+    directories through torch.distributed.checkpoint instead (no CheckpointIO)."""
+    return [] if cfg.strategy.name == "fsdp" else [atomic_checkpoint_io()]
+
+
 def run(cfg: DictConfig) -> RunResult:
     validate(cfg)
     check_hardware(cfg)
@@ -315,6 +335,9 @@ def run(cfg: DictConfig) -> RunResult:
 def locked_run(cfg: DictConfig) -> RunResult:
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    if is_launcher_rank_zero():
+        for path in remove_interrupted_writes(ckpt_dir):
+            log.warning(f"removed {path}: the temporary file of a save that was interrupted")
     if cfg.hardware.tune_malloc:
         keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -365,7 +388,7 @@ def locked_run(cfg: DictConfig) -> RunResult:
         enable_progress_bar=t.enable_progress_bar,
         logger=logger,
         callbacks=build_callbacks(cfg) + requeue,
-        plugins=slurm.plugins(),
+        plugins=slurm.plugins() + checkpoint_io(cfg),
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,
     )

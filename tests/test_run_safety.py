@@ -134,3 +134,57 @@ def test_lock_is_released_after_a_run(tmp_path):
             pass
     with run_dir_lock(tmp_path):  # released when the first run ended
         pass
+
+
+# -- item 5: a full disk leaves every checkpoint loadable --------------------------------------------------
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real filesystem of a few MB (tmpfs; needs root): ENOSPC as a full disk gives it."""
+    import subprocess
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"tmpfs-{size}"
+        where.mkdir()
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip() or 'not root'})")
+        mounted.append(where)
+        return where
+
+    mounted: list[Path] = []
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_full_disk_keeps_previous_checkpoint(small_tmpfs):
+    from llmforge.checkpoints import CheckpointSaveError, atomic_checkpoint_io, safe_load
+
+    disk = small_tmpfs("1m")
+    io = atomic_checkpoint_io()
+    io.save_checkpoint({"step": 1, "w": torch.ones(1000)}, disk / "last.ckpt")
+    with pytest.raises(CheckpointSaveError, match=r"last.ckpt: could not be saved .*previous checkpoint"):
+        io.save_checkpoint({"step": 2, "w": torch.ones(400_000)}, disk / "last.ckpt")  # 1.6 MB
+    assert safe_load(disk / "last.ckpt")["step"] == 1
+    assert [p.name for p in disk.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+@pytest.mark.slow
+def test_run_on_a_full_disk_stops_with_one_line(small_tmpfs, tiny_data):
+    from llmforge.checkpoints import safe_load
+    from tests.conftest import run_cli
+
+    disk = small_tmpfs("6m")  # step 0 (0.7 MB) + step 1 and last.ckpt (2.1 MB each) fit; step 2 does not
+    args = [f"data.path={tiny_data}", f"run_dir={disk / 'run'}", "debug=fast", "trainer.max_steps=6"]
+    proc = run_cli("llmforge.train", *args, "data.seq_len=32", cwd=disk.parent, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "could not be saved (No space left on device)" in error[0], proc.stderr
+    ckpts = sorted((disk / "run" / "checkpoints").iterdir())
+    assert "last.ckpt" in [p.name for p in ckpts], ckpts
+    for path in ckpts:  # every file there loads: none truncated, no temporary file left
+        assert path.suffix == ".ckpt", path
+        safe_load(path)
