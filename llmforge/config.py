@@ -7,6 +7,7 @@ Values drawn from a fixed set are checked by `validate`, which names the key and
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,8 @@ class TrainerConfig:
 @dataclass
 class TrainConfig:
     name: str = "${objective.name}-${model.name}"
-    run_dir: str = "${hydra:runtime.output_dir}"
+    # runs/<name>, or a sweep job's own directory; Hydra's .hydra/ and train.log go here too (train.yaml)
+    run_dir: str = "${llmforge.run_dir:runs/${name}}"
     seed: int = 1234
     resume: str | None = None  # null | auto | path/to.ckpt
     init_from: str | None = None  # weights to start from: a Hugging Face Llama dir or an llmforge .ckpt
@@ -340,9 +342,25 @@ def gpus_per_node(accelerator: str, devices: Any) -> Any:
     return devices if accelerator in ("gpu", "cuda") else None
 
 
+def default_run_dir(default: str) -> str:
+    """``run_dir``'s default: ``default`` (``runs/<name>``) made absolute; in a sweep (``-m``) the job's
+    own output directory (``hydra.sweep.dir``/``subdir``). ``hydra.run.dir`` is ``${run_dir}``, so a
+    single run's Hydra files and logs land in its run dir whatever ``run_dir=`` says."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN and hc.runtime.output_dir:
+            return str(hc.runtime.output_dir)
+    return os.path.abspath(default)
+
+
 def register() -> None:
     if not OmegaConf.has_resolver("llmforge.gpus_per_node"):
         OmegaConf.register_new_resolver("llmforge.gpus_per_node", gpus_per_node)
+    if not OmegaConf.has_resolver("llmforge.run_dir"):
+        OmegaConf.register_new_resolver("llmforge.run_dir", default_run_dir)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="objective", name="mlm_schema", node=MaskedLMConfig)

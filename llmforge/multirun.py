@@ -120,6 +120,7 @@ def job_command(module: str = "llmforge.train") -> tuple[list[str], str, Path]:
         *config_flags(sys.argv[1:]),
         *hc.overrides.task,
         *hydra_overrides,
+        *([] if any(o.startswith("run_dir=") for o in hc.overrides.task) else [f'run_dir="{quoted_dir}"']),
         f'hydra.run.dir="{quoted_dir}"',
         "hydra.output_subdir=null",  # the sweep already saved this job's .hydra/ record
     ]

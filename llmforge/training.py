@@ -319,6 +319,17 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def compile_caches() -> None:
+    """torch.compile's caches (Inductor's generated code, Triton's kernels) under llmforge's cache
+    directory (`llmforge.prep.cache.cache_dir`: ``$LLMFORGE_CACHE_DIR``, else ``~/.cache/llmforge``)
+    instead of ``/tmp``; a value already in the environment is kept. Set before the ranks start."""
+    from llmforge.prep.cache import cache_dir
+
+    base = cache_dir() / "torch-compile"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(base / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(base / "triton"))
+
+
 def checkpoint_io(cfg: DictConfig) -> list[Any]:
     """Checkpoint files are written atomically (`atomic_checkpoint_io`); ``strategy=fsdp`` writes sharded
     directories through torch.distributed.checkpoint instead (no CheckpointIO)."""
@@ -338,6 +349,7 @@ def locked_run(cfg: DictConfig) -> RunResult:
     if is_launcher_rank_zero():
         for path in remove_interrupted_writes(ckpt_dir):
             log.warning(f"removed {path}: the temporary file of a save that was interrupted")
+    compile_caches()
     if cfg.hardware.tune_malloc:
         keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -188,3 +188,48 @@ def test_run_on_a_full_disk_stops_with_one_line(small_tmpfs, tiny_data):
     for path in ckpts:  # every file there loads: none truncated, no temporary file left
         assert path.suffix == ".ckpt", path
         safe_load(path)
+
+
+# -- item 7: everything of a run inside its run dir --------------------------------------------------------
+@pytest.mark.slow
+def test_hydra_files_and_log_follow_run_dir(tmp_path, tiny_data):
+    from tests.conftest import run_cli
+
+    run_dir = tmp_path / "elsewhere" / "myrun"
+    args = [f"data.path={tiny_data}", f"run_dir={run_dir}", "debug=fast", "data.seq_len=32", "name=same"]
+    proc = run_cli("llmforge.train", *args, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (run_dir / ".hydra" / "overrides.yaml").is_file()
+    assert (run_dir / "train.log").stat().st_size > 0
+    assert not (tmp_path / "runs").exists()  # nothing of it under <cwd>/runs/<name>/
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_default_run_dir_is_absolute_runs_name(tmp_path, monkeypatch):
+    from tests.conftest import compose_train
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_train(["name=abc"])
+    assert cfg.run_dir == str(tmp_path / "runs" / "abc")
+
+
+def test_compile_caches_are_under_llmforge_cache(monkeypatch, tmp_path):
+    from llmforge.training import compile_caches
+
+    monkeypatch.setenv("LLMFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    compile_caches()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "torch-compile" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "torch-compile" / "triton")
+
+
+def test_interrupted_save_temp_files_are_removed(tmp_path):
+    from llmforge.checkpoints import remove_interrupted_writes
+
+    keep = _save(tmp_path / "step0000002.ckpt", 2, age=1)
+    (tmp_path / ".last.ckpt.tmp-1234").write_bytes(b"half")
+    (tmp_path / "last.ckpt.tmp").write_bytes(b"half")
+    removed = remove_interrupted_writes(tmp_path)
+    assert sorted(p.name for p in removed) == [".last.ckpt.tmp-1234", "last.ckpt.tmp"]
+    assert [p.name for p in tmp_path.iterdir()] == [keep.name]
