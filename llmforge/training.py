@@ -37,7 +37,7 @@ from llmforge.checkpoints import (
 )
 from llmforge.config import check_hardware, validate
 from llmforge.data.datamodule import ShardDataModule
-from llmforge.data.shards import read_manifest
+from llmforge.data.shards import read_manifest, verify_split
 from llmforge.objectives.base import PretrainModule
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,9 @@ def locked_run(cfg: DictConfig) -> RunResult:
         keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data_manifest = read_manifest(cfg.data.path)
+    if is_launcher_rank_zero():  # once, before the ranks start: they find the result cached
+        for split in data_manifest["splits"]:
+            verify_split(Path(cfg.data.path), data_manifest, split)
     ckpt_path = resolve_resume(cfg, ckpt_dir)
     if ckpt_path is not None:  # a checkpoint never runs code: refused with one line before Lightning reads it
         verify_for_resume(ckpt_path)

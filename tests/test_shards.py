@@ -174,7 +174,7 @@ def test_truncated_shard_detected_without_verify(tmp_path):
     victim = tmp_path / manifest["splits"]["train"]["shards"][0]["file"]
     victim.write_bytes(victim.read_bytes()[:-2])
     with pytest.raises(ValueError, match="tokens"):
-        ShardSet.open(tmp_path)
+        ShardSet.open(tmp_path, verify=False)
 
 
 def test_manifest_contents_and_hash(tmp_path):
@@ -196,3 +196,49 @@ def test_writer_output_is_deterministic(tmp_path):
     b = write_dataset(tmp_path / "b", {"train": docs}, shard_tokens=80)
     assert a == b
     assert len(a["splits"]["train"]["shards"]) > 1
+
+
+# -- issue 12, item 8: damaged shards must not train -------------------------------------------------------
+def test_scrambled_shard_is_refused_by_default_naming_the_file(tmp_path):
+    manifest = write_dataset(tmp_path, {"train": random_docs(40, 1000)}, shard_tokens=100)
+    victim = tmp_path / manifest["splits"]["train"]["shards"][2]["file"]
+    raw = bytearray(victim.read_bytes())
+    raw[4], raw[5] = raw[5], raw[4] ^ 0x01  # same size, different bytes
+    victim.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=rf"^{victim}: damaged \(sha256 checksum"):
+        ShardSet.open(tmp_path)
+
+
+def test_verification_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
+    import os
+
+    from llmforge.data import shards
+
+    manifest = write_dataset(tmp_path, {"train": random_docs(40, 1000)}, shard_tokens=100)
+    ShardSet.open(tmp_path)
+    cached = json.loads((tmp_path / shards.VERIFIED).read_text())
+    assert sorted(cached) == sorted(s["file"] for s in manifest["splits"]["train"]["shards"])
+    scanned = []
+    real_scan = shards.scan_shard
+    monkeypatch.setattr(
+        shards, "scan_shard", lambda path, dtype: scanned.append(path.name) or real_scan(path, dtype)
+    )
+    ShardSet.open(tmp_path)
+    assert scanned == []  # later opens read no shard
+    victim = tmp_path / manifest["splits"]["train"]["shards"][1]["file"]
+    raw = bytearray(victim.read_bytes())
+    raw[0] ^= 0x01
+    victim.write_bytes(bytes(raw))
+    os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 1_000_000))
+    with pytest.raises(ValueError, match="damaged"):
+        ShardSet.open(tmp_path)
+    assert scanned == [victim.name]  # only the changed shard was read again
+
+
+def test_token_id_beyond_declared_vocab_names_the_file(tmp_path):
+    manifest = write_dataset(tmp_path, {"train": [[5, 6, 700], [8, 9]]})
+    manifest["vocab_size"] = 512  # the ids were written for a larger vocabulary
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    shard = tmp_path / manifest["splits"]["train"]["shards"][0]["file"]
+    with pytest.raises(ValueError, match=rf"^{shard}: token id 700 is outside .*vocab_size=512"):
+        ShardSet.open(tmp_path)

@@ -157,17 +157,19 @@ class ShardSet:
     doc_ends: list[np.ndarray]
 
     @classmethod
-    def open(cls, directory: str | Path, split: str = "train", verify: bool = False) -> ShardSet:
+    def open(cls, directory: str | Path, split: str = "train", verify: bool = True) -> ShardSet:
+        """Memory-maps one split. With ``verify`` (the default) every shard's sha256 and largest token id
+        are checked first (`verify_split`: read once per dataset, then cached next to the manifest)."""
         directory = Path(directory)
         manifest = read_manifest(directory)
         if split not in manifest["splits"]:
             raise KeyError(f"{directory} has no split {split!r}; it has {sorted(manifest['splits'])}")
+        if verify:
+            verify_split(directory, manifest, split)
         dtype = np.dtype(manifest["dtype"])
         arrays, ends = [], []
         for shard in manifest["splits"][split]["shards"]:
             path = directory / shard["file"]
-            if verify and sha256_file(path) != shard["sha256"]:
-                raise ValueError(f"checksum mismatch for {path}")
             arr = np.memmap(path, dtype=dtype, mode="r")
             if arr.size != shard["tokens"]:
                 raise ValueError(f"{path}: {arr.size} tokens on disk, manifest says {shard['tokens']}")
@@ -192,6 +194,61 @@ class ShardSet:
             for end in ends:
                 yield np.asarray(arr[start:end])
                 start = int(end)
+
+
+VERIFIED = (
+    ".verified.json"  # next to the manifest: shard -> size, mtime, sha256 and largest id it was checked at
+)
+
+
+def scan_shard(path: Path, dtype: np.dtype, chunk: int = 1 << 24) -> tuple[str, int]:
+    """One pass over a shard: its sha256 and its largest token id (-1 when empty)."""
+    h, top = hashlib.sha256(), -1
+    chunk -= chunk % dtype.itemsize
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            if len(block) >= dtype.itemsize:
+                top = max(
+                    top, int(np.frombuffer(block, dtype=dtype, count=len(block) // dtype.itemsize).max())
+                )
+    return h.hexdigest(), top
+
+
+def verify_split(directory: Path, manifest: dict, split: str) -> None:
+    """Every shard of ``split`` matches the manifest's sha256, and holds no token id at or above the
+    manifest's ``vocab_size``; else ValueError naming the file. A shard is read once: the result is cached
+    in `VERIFIED` keyed by its size and mtime (and the expected sha256), so later opens read nothing."""
+    cache_path = directory / VERIFIED
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    dtype, vocab, changed = np.dtype(manifest["dtype"]), int(manifest["vocab_size"]), False
+    for shard in manifest["splits"][split]["shards"]:
+        path = directory / shard["file"]
+        st = path.stat()
+        key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": shard["sha256"]}
+        entry = cache.get(shard["file"])
+        if entry is None or {k: entry.get(k) for k in key} != key:
+            digest, top = scan_shard(path, dtype)
+            if digest != shard["sha256"]:
+                raise ValueError(
+                    f"{path}: damaged (sha256 checksum {digest[:16]}..., the manifest says "
+                    f"{shard['sha256'][:16]}...); rebuild the dataset with python -m llmforge.prepare"
+                )
+            entry = {**key, "max_id": top}
+            cache[shard["file"]], changed = entry, True
+        if entry["max_id"] >= vocab:
+            raise ValueError(
+                f"{path}: token id {entry['max_id']} is outside the manifest's vocabulary "
+                f"(vocab_size={vocab})"
+            )
+    if changed:
+        try:
+            write_json_atomic(cache_path, cache)
+        except OSError:  # a read-only dataset: verified again next time
+            pass
 
 
 def read_manifest(directory: str | Path) -> dict:
