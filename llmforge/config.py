@@ -206,12 +206,19 @@ class PrepareConfig:
 
 # What a ``_target_`` anywhere in a train config may name: llmforge's own classes, PyTorch and Lightning.
 # Anything else (``shutil.copyfile``, ``builtins.open`` from a command-line override) is refused before
-# anything is instantiated.
+# anything is instantiated. Own callbacks elsewhere: their module prefixes, comma-separated, in the
+# environment variable below (the test suite adds ``tests.``).
 ALLOWED_TARGETS = ("llmforge.", "torch.", "lightning.")
+EXTRA_TARGETS_ENV = "LLMFORGE_EXTRA_TARGETS"
+
+
+def allowed_targets() -> tuple[str, ...]:
+    extra = os.environ.get(EXTRA_TARGETS_ENV, "")
+    return ALLOWED_TARGETS + tuple(p.strip() for p in extra.split(",") if p.strip().endswith("."))
 
 
 def check_targets(node: Any, prefix: str = "") -> None:
-    """Walks a composed config; every ``_target_`` must name something under `ALLOWED_TARGETS`."""
+    """Walks a composed config; every ``_target_`` must name something under `allowed_targets`."""
     if OmegaConf.is_dict(node):
         items = [(str(k), f"{prefix}{k}") for k in node.keys()]
     elif OmegaConf.is_list(node):
@@ -221,10 +228,11 @@ def check_targets(node: Any, prefix: str = "") -> None:
     for key, path in items:
         if key == "_target_":
             target = node[key]
-            if not (isinstance(target, str) and target.startswith(ALLOWED_TARGETS)):
+            allowed = allowed_targets()
+            if not (isinstance(target, str) and target.startswith(allowed)):
                 raise ValueError(
                     f"{path}={target!r} is refused: a _target_ must name a class under "
-                    f"{', '.join(a + '*' for a in ALLOWED_TARGETS)}"
+                    f"{', '.join(a + '*' for a in allowed)} (more: ${EXTRA_TARGETS_ENV})"
                 )
             continue
         child = node._get_node(key)

@@ -20,6 +20,8 @@ from llmforge.config import register
 ROOT = Path(__file__).resolve().parent.parent
 # Hermetic: nothing cached by earlier runs on this machine (llmforge.prep.cache) is seen.
 os.environ["LLMFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="llmforge-test-cache-")
+# Recording callbacks of the tests (`+callbacks.x._target_=tests....`) are allowed targets (llmforge.config).
+os.environ["LLMFORGE_EXTRA_TARGETS"] = "tests."
 CONF = ROOT / "conf"
 register()
 
