@@ -330,6 +330,56 @@ def compile_caches() -> None:
     os.environ.setdefault("TRITON_CACHE_DIR", str(base / "triton"))
 
 
+def device_count(devices: Any) -> int:
+    if isinstance(devices, int):
+        return devices if devices > 0 else 0
+    if isinstance(devices, str) and devices.isdigit():
+        return int(devices)
+    return len(devices) if OmegaConf.is_list(devices) or isinstance(devices, list) else 0  # "auto", -1
+
+
+@contextmanager
+def loopback_rendezvous(cfg: DictConfig) -> Iterator[bool]:
+    """When every rank runs on this machine (``hardware.num_nodes=1``, no SLURM, torchrun or ``MASTER_ADDR``
+    given), nothing listens beyond loopback: torch's rendezvous store (TCPStore) binds every interface
+    whatever ``MASTER_ADDR`` says, so rank 0 hosts it on a socket bound to 127.0.0.1 and every rank
+    connects to it as a client (``TORCHELASTIC_USE_AGENT_STORE``, torch's own switch for a store hosted by
+    someone else); gloo's own sockets use the loopback interface (``GLOO_SOCKET_IFNAME=lo``). The
+    environment is set while the run lasts (Lightning's other ranks inherit it) and restored after.
+    Yields whether it applied."""
+    import socket
+
+    launched = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "LOCAL_RANK")
+    if (
+        cfg.hardware.num_nodes != 1
+        or device_count(cfg.hardware.devices) < 2
+        or cfg.strategy.name not in ("ddp", "fsdp")
+        or slurm.under_slurm()
+        or any(name in os.environ for name in launched)
+        or not is_launcher_rank_zero()
+    ):
+        yield False
+        return
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    store = torch.distributed.TCPStore(
+        "127.0.0.1", port, is_master=True, wait_for_workers=False, master_listen_fd=sock.detach()
+    )
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    os.environ.update(env)
+    try:
+        yield True
+    finally:
+        for name in env:
+            os.environ.pop(name, None)
+        del store  # its server stops with it
+
+
 def checkpoint_io(cfg: DictConfig) -> list[Any]:
     """Checkpoint files are written atomically (`atomic_checkpoint_io`); ``strategy=fsdp`` writes sharded
     directories through torch.distributed.checkpoint instead (no CheckpointIO)."""
@@ -339,7 +389,7 @@ def checkpoint_io(cfg: DictConfig) -> list[Any]:
 def run(cfg: DictConfig) -> RunResult:
     validate(cfg)
     check_hardware(cfg)
-    with run_dir_lock(Path(cfg.run_dir)):
+    with run_dir_lock(Path(cfg.run_dir)), loopback_rendezvous(cfg):
         return locked_run(cfg)
 
 

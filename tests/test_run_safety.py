@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -233,3 +234,81 @@ def test_interrupted_save_temp_files_are_removed(tmp_path):
     removed = remove_interrupted_writes(tmp_path)
     assert sorted(p.name for p in removed) == [".last.ckpt.tmp-1234", "last.ckpt.tmp"]
     assert [p.name for p in tmp_path.iterdir()] == [keep.name]
+
+
+# -- item 2: a single-node multi-process run listens on loopback only ---------------------------------------
+def listening_addresses() -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) of this process's listening TCP sockets."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.append(fields[1].split(":")[0])
+    return found
+
+
+class RecordListeners(L.Callback):
+    """Writes each rank's listening addresses once training runs (process group and store up)."""
+
+    def on_train_start(self, trainer, pl_module):
+        import json
+
+        out = Path(trainer.default_root_dir) / f"listeners.{trainer.global_rank}.json"
+        out.write_text(json.dumps(listening_addresses()))
+
+
+@pytest.mark.slow
+def test_single_node_ddp_listens_on_loopback_only(tmp_path, tiny_data):
+    import json
+
+    from tests.conftest import run_cli
+
+    run_dir = tmp_path / "run"
+    args = [
+        f"data.path={tiny_data}",
+        f"run_dir={run_dir}",
+        "debug=fast",
+        "data.seq_len=32",
+        "strategy=ddp",
+        "hardware.devices=2",
+        "+callbacks.net._target_=tests.test_run_safety.RecordListeners",
+    ]
+    proc = run_cli("llmforge.train", *args, cwd=tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = json.loads((run_dir / "listeners.0.json").read_text())
+    rank1 = json.loads((run_dir / "listeners.1.json").read_text())
+    assert rank0, "rank 0 hosts the rendezvous store: it listens"
+    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
+    assert set(rank0) | set(rank1) <= loopback, (rank0, rank1)
+
+
+def test_loopback_rendezvous_restores_the_environment(monkeypatch):
+    from llmforge.training import loopback_rendezvous
+    from tests.conftest import compose_train
+
+    for name in (
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_USE_AGENT_STORE",
+        "GLOO_SOCKET_IFNAME",
+        "WORLD_SIZE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    cfg = compose_train(["run_dir=/tmp/unused", "strategy=ddp", "hardware.devices=2"])
+    with loopback_rendezvous(cfg) as applied:
+        assert applied and os.environ["MASTER_ADDR"] == "127.0.0.1"
+        assert listening_addresses() == ["0100007F"]
+    assert "MASTER_ADDR" not in os.environ and "TORCHELASTIC_USE_AGENT_STORE" not in os.environ
+    with loopback_rendezvous(
+        compose_train(["run_dir=/tmp/unused", "hardware.num_nodes=2", "strategy=ddp"])
+    ) as on:
+        assert not on  # other machines must reach rank 0
