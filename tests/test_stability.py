@@ -6,6 +6,7 @@ import json
 import math
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -141,7 +142,7 @@ def test_spike_after_warmup_is_detected_and_skipped(train_cfg):
     result = run(cfg)
     (record,) = anomalies(result.run_dir)
     assert record["step"] == 11 and record["kind"] == "spike" and record["action"] == "skip"
-    assert record["loss"] > record["threshold"] == pytest.approx(record["mean"] + 6 * record["std"])
+    assert record["loss"] > record["threshold"] == pytest.approx(record["median"] + 6 * record["scale"])
     assert record["indices"] == batches(result.run_dir)[11]
 
 
@@ -226,9 +227,45 @@ def test_spike_detection_statistics():
     for x in (2.0, 2.2, 1.8):
         assert guard.check(x)[0] is None  # warmup: nothing is a spike yet
         guard.losses.append(x)
-    kind, stats = guard.check(2.9)  # mean 2, std 0.163: z-threshold 2.49 < factor threshold 4
-    assert kind == "spike" and stats["threshold"] == pytest.approx(2.0 + 3 * math.sqrt(0.08 / 3))
-    assert guard.check(2.4)[0] is None
+    kind, stats = guard.check(2.9)  # median 2, MAD 0.2 -> scale 0.297: z-threshold 2.89 < factor threshold 4
+    assert kind == "spike" and stats["threshold"] == pytest.approx(2.0 + 3 * 1.4826 * 0.2)
+    assert guard.check(2.8)[0] is None
+
+
+def descent(steps: int = 100, start: float = 10.0, end: float = 0.005, flat: int = 0) -> list[float]:
+    """`flat` steps at `start` (the LR warmup), then a steep geometric descent to `end` (overfitting)."""
+    return [
+        start if t < flat else start * (end / start) ** ((t - flat) / (steps - 1 - flat))
+        for t in range(steps)
+    ]
+
+
+def test_3000x_jump_after_the_initial_descent_is_a_spike():
+    losses = descent(flat=10)
+    old = np.mean(losses) + 6 * np.std(losses)
+    assert old == pytest.approx(22.5, abs=0.1)  # mean + 6 std of this window: the jump below hid under it
+    guard = StabilityGuard()  # the defaults: window 100, warmup 20, zscore 6
+    for x in losses:
+        assert guard.check(x)[0] is None  # nothing in the descent itself is a spike
+        guard.losses.append(x)
+    kind, stats = guard.check(15.5)
+    assert kind == "spike" and stats["threshold"] < 15.5
+
+
+def test_slow_plateau_is_no_spike():
+    rng = np.random.default_rng(0)
+    guard = StabilityGuard()
+    # descent to a plateau around 3.0 that creeps up slowly (+0.1% a step), with 1% noise
+    losses = descent(60, 10.0, 3.0) + [
+        3.0 * (1 + 0.001 * t) * (1 + 0.01 * rng.standard_normal()) for t in range(400)
+    ]
+    flagged = []
+    for step, x in enumerate(losses):
+        if guard.check(x)[0] is not None:
+            flagged.append(step)
+        guard.losses.append(x)
+    assert flagged == []
+    assert guard.check(losses[-1] * 1.5)[0] == "spike"  # and a real jump on that plateau still is
 
 
 @pytest.mark.slow

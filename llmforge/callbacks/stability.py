@@ -28,6 +28,10 @@ class DivergenceError(RuntimeError):
     checkpoint is."""
 
 
+MAD_TO_STD = 1.4826  # median absolute deviation -> standard deviation, for normal noise
+MIN_RELATIVE_SCALE = 0.01  # a flat plateau's tiny noise: a spike must still be >= zscore % above the median
+
+
 class StabilityGuard(L.Callback):
     """Detects NaN/Inf losses and loss spikes before the optimizer step, and acts on them.
 
@@ -35,8 +39,12 @@ class StabilityGuard(L.Callback):
     rank decides alike) the training loss is checked:
 
     - ``nan``: the loss is NaN or infinite;
-    - ``spike``: after ``warmup`` good steps, the loss exceeds ``mean + zscore * std`` of the last
-      ``window`` good losses (``zscore`` null: off), or ``factor * mean`` (``factor`` null: off).
+    - ``spike``: after ``warmup`` good steps, the loss exceeds ``median + zscore * scale`` of the last
+      ``window`` good losses (``zscore`` null: off), or ``factor * median`` (``factor`` null: off).
+      ``scale`` is the window's median absolute deviation (x 1.4826, the standard deviation of normal
+      noise), at least 1% of the median. Median and MAD ignore the outliers of the window: a window that
+      still holds the steep initial descent (losses 10 ... 0.005) does not inflate them as it did the mean
+      and std (mean + 6 std was 22.8 there, so a jump from 0.005 to 15.5 went unflagged).
 
     The policy for each kind (``nan_policy``, ``spike_policy``) is one of:
 
@@ -158,13 +166,15 @@ class StabilityGuard(L.Callback):
         if len(self.losses) < self.warmup:
             return None, {}
         values = np.asarray(self.losses, dtype=np.float64)
-        mean, std = float(values.mean()), float(values.std())
+        median = float(np.median(values))
+        mad = float(np.median(np.abs(values - median)))
+        scale = max(MAD_TO_STD * mad, MIN_RELATIVE_SCALE * abs(median))
         limits = []
         if self.zscore is not None:
-            limits.append(mean + self.zscore * std)
+            limits.append(median + self.zscore * scale)
         if self.factor is not None:
-            limits.append(self.factor * mean)
-        stats = {"mean": mean, "std": std}
+            limits.append(self.factor * median)
+        stats = {"median": median, "mad": mad, "scale": scale}
         if limits:
             stats["threshold"] = min(limits)
             if loss > stats["threshold"]:
@@ -175,7 +185,8 @@ class StabilityGuard(L.Callback):
     def act(self, trainer, pl_module, step, kind, loss, local, stats) -> None:
         policy = self.nan_policy if kind == "nan" else self.spike_policy
         what = f"step {step}: loss {loss:.4g}" + (
-            f" > threshold {stats['threshold']:.4g} (window mean {stats['mean']:.4g}, std {stats['std']:.3g})"
+            f" > threshold {stats['threshold']:.4g} (window median {stats['median']:.4g}, "
+            f"scale {stats['scale']:.3g})"
             if kind == "spike"
             else " is not finite"
         )
