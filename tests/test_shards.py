@@ -242,3 +242,27 @@ def test_token_id_beyond_declared_vocab_names_the_file(tmp_path):
     shard = tmp_path / manifest["splits"]["train"]["shards"][0]["file"]
     with pytest.raises(ValueError, match=rf"^{shard}: token id 700 is outside .*vocab_size=512"):
         ShardSet.open(tmp_path)
+
+
+def test_read_only_dataset_caches_its_verification_in_the_cache_dir(tmp_path, monkeypatch):
+    from llmforge.data import shards
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_dataset(data, {"train": random_docs(40, 1000)}, shard_tokens=100)
+    monkeypatch.setenv("LLMFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    real_write = shards.write_json_atomic
+
+    def read_only(path, obj):  # what a shared dataset this user cannot write gives (root ignores chmod)
+        if path.parent == data:
+            raise PermissionError(13, "Permission denied", str(path))
+        real_write(path, obj)
+
+    monkeypatch.setattr(shards, "write_json_atomic", read_only)
+    ShardSet.open(data)
+    assert not (data / shards.VERIFIED).exists()
+    assert len(list((tmp_path / "cache" / "verified").glob("*.json"))) == 1
+    scanned = []
+    monkeypatch.setattr(shards, "scan_shard", lambda path, dtype: scanned.append(path.name))
+    ShardSet.open(data)
+    assert scanned == []  # later opens of the read-only dataset read no shard either

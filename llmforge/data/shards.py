@@ -201,6 +201,15 @@ VERIFIED = (
 )
 
 
+def verified_paths(directory: Path) -> list[Path]:
+    """Where `verify_split` keeps its results, in order: next to the manifest, else (a dataset this user
+    cannot write: a shared read-only copy) under llmforge's cache directory, keyed by the dataset's path."""
+    from llmforge.prep.cache import cache_dir
+
+    key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
+    return [directory / VERIFIED, cache_dir() / "verified" / f"{key}.json"]
+
+
 def scan_shard(path: Path, dtype: np.dtype, chunk: int = 1 << 24) -> tuple[str, int]:
     """One pass over a shard: its sha256 and its largest token id (-1 when empty)."""
     h, top = hashlib.sha256(), -1
@@ -215,22 +224,29 @@ def scan_shard(path: Path, dtype: np.dtype, chunk: int = 1 << 24) -> tuple[str, 
     return h.hexdigest(), top
 
 
+def read_verified(path: Path) -> dict[str, dict]:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in cache.items() if isinstance(v, dict)} if isinstance(cache, dict) else {}
+
+
 def verify_split(directory: Path, manifest: dict, split: str) -> None:
     """Every shard of ``split`` matches the manifest's sha256, and holds no token id at or above the
     manifest's ``vocab_size``; else ValueError naming the file. A shard is read once: the result is cached
-    in `VERIFIED` keyed by its size and mtime (and the expected sha256), so later opens read nothing."""
-    cache_path = directory / VERIFIED
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
+    (`verified_paths`) keyed by its size and mtime (and the expected sha256), so later opens read nothing."""
+    places = verified_paths(directory)
+    found = [read_verified(place) for place in places]
+    cache = {name: entry for c in reversed(found) for name, entry in c.items()}  # the first place wins
     dtype, vocab, changed = np.dtype(manifest["dtype"]), int(manifest["vocab_size"]), False
     for shard in manifest["splits"][split]["shards"]:
         path = directory / shard["file"]
         st = path.stat()
         key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": shard["sha256"]}
-        entry = cache.get(shard["file"])
-        if entry is None or {k: entry.get(k) for k in key} != key:
+        name = shard["file"]
+        entry = next((c[name] for c in found if name in c and key.items() <= c[name].items()), None)
+        if entry is None:
             digest, top = scan_shard(path, dtype)
             if digest != shard["sha256"]:
                 raise ValueError(
@@ -238,17 +254,21 @@ def verify_split(directory: Path, manifest: dict, split: str) -> None:
                     f"{shard['sha256'][:16]}...); rebuild the dataset with python -m llmforge.prepare"
                 )
             entry = {**key, "max_id": top}
-            cache[shard["file"]], changed = entry, True
+            changed = True
+        cache[name] = entry
         if entry["max_id"] >= vocab:
             raise ValueError(
                 f"{path}: token id {entry['max_id']} is outside the manifest's vocabulary "
                 f"(vocab_size={vocab})"
             )
     if changed:
-        try:
-            write_json_atomic(cache_path, cache)
-        except OSError:  # a read-only dataset: verified again next time
-            pass
+        for place in places:
+            try:
+                place.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(place, cache)
+                break
+            except OSError:  # a read-only dataset: the next place; none writable: verified again next time
+                continue
 
 
 def read_manifest(directory: str | Path) -> dict:
