@@ -87,43 +87,18 @@ def test_hostile_last_is_skipped_and_never_run(tmp_path, caplog):
 
 
 # -- item 6: one run per run dir -------------------------------------------------------------------------
-HOLD_LOCK = """
-import sys, time
-from pathlib import Path
-from llmforge.training import run_dir_lock
-with run_dir_lock(Path(sys.argv[1])):
-    print("locked", flush=True)
-    time.sleep(120)
-"""
-
-
 def test_second_run_into_a_locked_run_dir_is_refused(tmp_path, tiny_data):
-    import subprocess
-    import sys
-
-    from tests.conftest import clean_env, run_cli
+    from llmforge.training import run_dir_lock
+    from tests.conftest import run_cli
 
     run_dir = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(run_dir)], env=clean_env(), stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        args = [
-            f"data.path={tiny_data}",
-            f"run_dir={run_dir}",
-            "debug=fast",
-            "trainer.enable_progress_bar=false",
-        ]
+    args = [f"data.path={tiny_data}", f"run_dir={run_dir}", "debug=fast", "trainer.enable_progress_bar=false"]
+    with run_dir_lock(run_dir):  # this process is the first run: the CLI is the second
         proc = run_cli("llmforge.train", *args, cwd=tmp_path, timeout=180)
-    finally:
-        holder.kill()
-        holder.wait()
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"{run_dir} is in use by another run (pid {holder.pid}" in lines[0], (
-        proc.stderr
-    )
+    expected = f"{run_dir} is in use by another run (pid {os.getpid()}"
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
     assert not (run_dir / "checkpoints").exists()
 
 
@@ -289,6 +264,8 @@ def test_single_node_ddp_listens_on_loopback_only(tmp_path, tiny_data):
     assert rank0, "rank 0 hosts the rendezvous store: it listens"
     loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
     assert set(rank0) | set(rank1) <= loopback, (rank0, rank1)
+    assert (run_dir / "train_ddp_process_1.log").is_file()  # item 7: rank 1's log is in the run dir too
+    assert not (tmp_path / "runs").exists()
 
 
 def test_loopback_rendezvous_restores_the_environment(monkeypatch):
