@@ -167,10 +167,12 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
-    if slurm.restart_count() > 0 and cfg.resume in (None, "", "never", "auto"):
+    if slurm.restart_count() > 0:
         # SLURM started this job again (requeue before the time limit, preemption): go on from where
         # it stopped, whatever `resume` says; nothing saved yet: the first attempt's start
-        return newest_loadable(ckpt_dir)
+        found = newest_loadable(ckpt_dir)
+        if found is not None or cfg.resume in (None, "", "never", "auto"):
+            return found
     if cfg.resume in (None, "", "never"):
         if any(ckpt_dir.glob("*.ckpt")):
             raise FileExistsError(

@@ -86,6 +86,22 @@ def test_hostile_last_is_skipped_and_never_run(tmp_path, caplog):
     assert not marker.exists()
 
 
+def test_requeued_job_goes_on_from_its_own_newest_checkpoint(tmp_path, monkeypatch):
+    """SLURM requeued the job: its own newest checkpoint wins over the `resume=<file>` it was started
+    with (that file is where the first attempt began, not where it stopped)."""
+    start = _save(tmp_path / "pretrained.ckpt", 100, age=60)
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    cfg = OmegaConf.create({"resume": str(start)})
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert resolve_resume(cfg, ckpt_dir) == str(start)  # requeued before anything was saved
+    newest = _save(ckpt_dir / "step0000120.ckpt", 120, age=10)  # no last.ckpt: killed right after it
+    assert resolve_resume(cfg, ckpt_dir) == str(newest)
+    assert _auto(ckpt_dir) == str(newest)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert resolve_resume(cfg, ckpt_dir) == str(start)  # a fresh submission does what it is told
+
+
 # -- item 6: one run per run dir -------------------------------------------------------------------------
 def test_second_run_into_a_locked_run_dir_is_refused(tmp_path, tiny_data):
     from llmforge.training import run_dir_lock
