@@ -333,6 +333,7 @@ def compile_caches() -> None:
 
 
 def device_count(devices: Any) -> int:
+    """Processes per node that ``hardware.devices`` asks for; 0 when the machine decides (auto, -1)."""
     if isinstance(devices, int):
         return devices if devices > 0 else 0
     if isinstance(devices, str) and devices.isdigit():
@@ -354,8 +355,7 @@ def loopback_rendezvous(cfg: DictConfig) -> Iterator[bool]:
     launched = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "LOCAL_RANK")
     if (
         cfg.hardware.num_nodes != 1
-        or device_count(cfg.hardware.devices) < 2
-        or cfg.strategy.name not in ("ddp", "fsdp")
+        or device_count(cfg.hardware.devices) == 1  # one process: no rendezvous (strategy=auto may be DDP)
         or slurm.under_slurm()
         or any(name in os.environ for name in launched)
         or not is_launcher_rank_zero()

@@ -305,3 +305,7 @@ def test_loopback_rendezvous_restores_the_environment(monkeypatch):
         compose_train(["run_dir=/tmp/unused", "hardware.num_nodes=2", "strategy=ddp"])
     ) as on:
         assert not on  # other machines must reach rank 0
+    with loopback_rendezvous(compose_train(["run_dir=/tmp/unused", "hardware.devices=1"])) as on:
+        assert not on  # one process: nothing to rendezvous
+    with loopback_rendezvous(compose_train(["run_dir=/tmp/unused", "hardware.devices=2"])) as on:
+        assert on  # strategy=auto with 2 devices is Lightning's DDP: loopback too
