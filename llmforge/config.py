@@ -351,16 +351,16 @@ def gpus_per_node(accelerator: str, devices: Any) -> Any:
 
 
 def default_run_dir(default: str) -> str:
-    """``run_dir``'s default: ``default`` (``runs/<name>``) made absolute; in a sweep (``-m``) the job's
-    own output directory (``hydra.sweep.dir``/``subdir``). ``hydra.run.dir`` is ``${run_dir}``, so a
-    single run's Hydra files and logs land in its run dir whatever ``run_dir=`` says."""
+    """``run_dir``'s default: Hydra's output directory of this job once it is known (a sweep job's
+    ``hydra.sweep.dir``/``subdir``, or a ``hydra.run.dir=`` given on the command line), else ``default``
+    (``runs/<name>``) made absolute. ``hydra.run.dir`` is ``${run_dir}``, so a single run's Hydra files and
+    logs land in its run dir whatever ``run_dir=`` says, and the two never differ."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     if HydraConfig.initialized():
-        hc = HydraConfig.get()
-        if hc.mode == RunMode.MULTIRUN and hc.runtime.output_dir:
-            return str(hc.runtime.output_dir)
+        runtime = HydraConfig.get().runtime
+        if not OmegaConf.is_missing(runtime, "output_dir") and runtime.output_dir:
+            return str(runtime.output_dir)
     return os.path.abspath(default)
 
 

@@ -197,6 +197,18 @@ def test_hydra_files_and_log_follow_run_dir(tmp_path, tiny_data):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_hydra_run_dir_alone_moves_the_whole_run(tmp_path):
+    """Hydra's own ``hydra.run.dir=`` keeps meaning the run's directory: the lock (and the checkpoints
+    that would follow) go there, not to ``runs/<name>``. The run stops early on a missing dataset."""
+    from tests.conftest import run_cli
+
+    where = tmp_path / "hydra-dir"
+    proc = run_cli("llmforge.train", f"hydra.run.dir={where}", f"data.path={tmp_path / 'none'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "manifest.json missing" in proc.stderr, proc.stderr
+    assert (where / "run.lock").is_file() and (where / ".hydra" / "config.yaml").is_file()
+    assert not (tmp_path / "runs").exists()
+
+
 def test_default_run_dir_is_absolute_runs_name(tmp_path, monkeypatch):
     from tests.conftest import compose_train
 
