@@ -7,6 +7,7 @@ Values drawn from a fixed set are checked by `validate`, which names the key and
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -217,6 +218,22 @@ def allowed_targets() -> tuple[str, ...]:
     return ALLOWED_TARGETS + tuple(p.strip() for p in extra.split(",") if p.strip().endswith("."))
 
 
+def locate(target: str) -> Any:
+    """The object a dotted ``_target_`` names (its module imported), or None when there is none."""
+    parts = target.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            found: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            found = getattr(found, name, None)
+            if found is None:
+                return None
+        return found
+    return None
+
+
 def check_targets(node: Any, prefix: str = "") -> None:
     """Walks a composed config; every ``_target_`` must name something under `allowed_targets`."""
     if OmegaConf.is_dict(node):
@@ -233,6 +250,12 @@ def check_targets(node: Any, prefix: str = "") -> None:
                 raise ValueError(
                     f"{path}={target!r} is refused: a _target_ must name a class under "
                     f"{', '.join(a + '*' for a in allowed)} (more: ${EXTRA_TARGETS_ENV})"
+                )
+            found = locate(target)
+            if not isinstance(found, type):  # torch.load, torch.hub.load: functions that run code
+                what = "nothing importable" if found is None else f"a {type(found).__name__}"
+                raise ValueError(
+                    f"{path}={target!r} is refused: a _target_ must name a class, this is {what}"
                 )
             continue
         child = node._get_node(key)

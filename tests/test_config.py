@@ -152,6 +152,26 @@ def test_foreign_target_is_refused(override):
         validate(cfg)
 
 
+@pytest.mark.parametrize(
+    ("override", "what"),
+    [
+        ("+callbacks.evil._target_=torch.load", "function"),  # weights_only=false: a pickle runs code
+        ("+callbacks.evil._target_=torch.hub.load", "function"),  # fetches and runs hubconf.py
+        ("+callbacks.evil._target_=llmforge.data.shards.write_json_atomic", "function"),
+        ("+callbacks.evil._target_=llmforge.callbacks.NoSuchThing", "nothing importable"),
+    ],
+)
+def test_target_must_be_a_class(override, what):
+    cfg = compose_train([override, "run_dir=/tmp/unused"])
+    with pytest.raises(
+        ValueError,
+        match=rf"_target_='[\w.]+' is refused: a _target_ must name a class, this is "
+        rf"(a )?{what}",
+    ) as err:
+        validate(cfg)
+    assert "\n" not in str(err.value)
+
+
 def test_gpu_without_gpu_is_one_line():
     import torch
 
