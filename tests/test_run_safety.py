@@ -163,6 +163,27 @@ def test_full_disk_keeps_previous_checkpoint(small_tmpfs):
     assert [p.name for p in disk.iterdir()] == ["last.ckpt"]  # no temporary file left
 
 
+def test_failed_write_keeps_previous_checkpoint(tmp_path):
+    """The same without root (no tmpfs): the disk fills up halfway through the new file."""
+    import errno
+
+    from llmforge.checkpoints import CheckpointSaveError, atomic_write, safe_load
+
+    path = tmp_path / "last.ckpt"
+    atomic_write(path, lambda f: torch.save({"step": 1}, f))
+
+    def fill_up(f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(
+        CheckpointSaveError, match=r"last.ckpt: could not be saved \(No space left on device\)"
+    ):
+        atomic_write(path, fill_up)
+    assert safe_load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
 @pytest.mark.slow
 def test_run_on_a_full_disk_stops_with_one_line(small_tmpfs, tiny_data):
     from llmforge.checkpoints import safe_load
