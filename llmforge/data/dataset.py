@@ -6,7 +6,8 @@ target exactly once per epoch. The last window is padded with -1 (collate functi
 an ignored label).
 
 `GlobalCursorSampler` orders samples by a *global* cursor: position p of the stream of samples is
-``permutation(epoch = p // n)[p % n]``, with one seeded permutation per epoch. A global batch covers
+``permutation(epoch = p // n)[p % n]``, with one seeded permutation per epoch (a Feistel bijection computed
+per position, `llmforge.data.permutation`: no array of n indices is ever built). A global batch covers
 ``batch_size * world_size`` consecutive positions and rank r takes its own contiguous slice, so ranks see
 disjoint samples and a run resumed at cursor c continues exactly where it stopped, whatever the number of
 ranks.
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
+from llmforge.data.permutation import derive_key, permute
 from llmforge.data.shards import ShardSet
 
 PAD_VALUE = -1
@@ -61,7 +63,11 @@ class PackedWindows(Dataset):
 
 
 class GlobalCursorSampler(Sampler[int]):
-    """Endless, seeded, rank-sliced sampler that starts at a global sample cursor."""
+    """Endless, seeded, rank-sliced sampler that starts at a global sample cursor.
+
+    The order of an epoch is a Feistel permutation (`llmforge.data.permutation`) keyed by (seed, epoch):
+    O(1) memory whatever the number of windows, and any position's sample is computed directly.
+    """
 
     def __init__(
         self,
@@ -79,21 +85,27 @@ class GlobalCursorSampler(Sampler[int]):
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         self.n, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
         self.seed, self.shuffle, self.start = seed, shuffle, start
-        self._perm: tuple[int, np.ndarray] | None = None
+
+    def orders(self, positions: np.ndarray) -> np.ndarray:
+        """The samples at global stream positions (vectorised `order`)."""
+        return epoch_order(np.asarray(positions, dtype=np.int64), self.n, self.seed, self.shuffle)
 
     def order(self, position: int) -> int:
-        epoch, offset = divmod(position, self.n)
-        if not self.shuffle:
-            return offset
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
-        return int(self._perm[1][offset])
+        return int(self.orders(np.array([position]))[0])
 
     def __iter__(self) -> Iterator[int]:
         global_batch = self.batch_size * self.world_size
         position = self.start
         while True:
             first = position + self.rank * self.batch_size
-            for p in range(first, first + self.batch_size):
-                yield self.order(p)
+            yield from self.orders(np.arange(first, first + self.batch_size)).tolist()
             position += global_batch
+
+
+def epoch_order(positions: np.ndarray, n: int, seed: int, shuffle: bool = True) -> np.ndarray:
+    """Position p of an endless stream over [0, n): ``perm(seed, epoch = p // n)[p % n]``."""
+    epochs, offsets = np.divmod(positions, n)
+    if not shuffle:
+        return offsets
+    uniq, inverse = np.unique(epochs, return_inverse=True)  # a batch spans one epoch, rarely two
+    return permute(offsets, n, derive_key(seed, uniq)[inverse])
