@@ -59,8 +59,18 @@ class DenoiseConfig(ObjectiveConfig):
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (``data.sources.<name>``): a prepared dataset directory and its weight."""
+
+    path: str | None = None
+    weight: float = 1.0  # share of training tokens, relative to the other sources' weights
+
+
+@dataclass
 class DataConfig:
-    path: str = "data/demo"
+    path: str | None = "data/demo"  # one dataset; null when `sources` names a mixture
+    sources: dict[str, SourceConfig] = field(default_factory=dict)  # data=mixture: name -> path, weight
+    alpha: float | None = None  # mixture temperature rule: weight_s x train_tokens_s ** alpha (null: off)
     seq_len: int = 256
     batch_size: int = 8  # per device, per micro-step
     num_workers: int = 0
@@ -279,6 +289,13 @@ def validate(cfg: Any) -> None:
         check_choice("objective.variant", cfg.objective.variant, DENOISE_VARIANTS)
     if cfg.optim.name != "adamw":
         raise ValueError(f"optim.name={cfg.optim.name!r} is not one of adamw")
+    if not cfg.data.sources and not cfg.data.path:
+        raise ValueError("data.path is empty and data.sources names no source: give one or the other")
+    if cfg.data.sources and cfg.data.path:
+        raise ValueError(
+            f"data.path={cfg.data.path} and data.sources are both set: a mixture (data=mixture) takes its "
+            "sources from data.sources only; set data.path=null"
+        )
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     if cfg.trainer.max_steps <= 0:

@@ -68,7 +68,9 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_mmap_max, 0)
 
 
-def build_module(cfg: DictConfig, data_manifest: dict) -> PretrainModule:
+def build_module(
+    cfg: DictConfig, data_manifest: dict, sources: dict[str, float] | None = None
+) -> PretrainModule:
     model = OmegaConf.to_container(cfg.model, resolve=True)
     vocab = data_manifest["vocab_size"]
     if model["vocab_size"] is None:
@@ -80,11 +82,14 @@ def build_module(cfg: DictConfig, data_manifest: dict) -> PretrainModule:
         )
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     data = {
-        "path": str(cfg.data.path),
+        "path": str(cfg.data.path) if cfg.data.path else None,
         "seq_len": cfg.data.seq_len,
         "vocab_size": vocab,
         "seed": cfg.data.seed,
     }
+    if sources:  # a mixture: the tokenizer is the first source's (all share it); validation per source
+        data["path"] = str(cfg.data.sources[next(iter(sorted(cfg.data.sources)))].path)
+        data["sources"] = dict(sources)
     try:
         module = instantiate(
             cfg.objective,
@@ -163,6 +168,10 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
         callbacks.append(cb)
     config = OmegaConf.to_container(cfg, resolve=True)
     callbacks.append(RunManifest(cfg.run_dir, cfg.data.path, config=config))
+    if cfg.data.sources:  # after RunManifest: adds the sources to run_manifest.json
+        from llmforge.data.mixture import MixtureMonitor
+
+        callbacks.append(MixtureMonitor(cfg.run_dir))
     return callbacks
 
 
@@ -294,6 +303,15 @@ def is_launcher_rank_zero() -> bool:
     return all(os.environ.get(n, "0") == "0" for n in names)
 
 
+def dataset_dirs(path: str | None, sources: dict | None) -> list[Path]:
+    """The prepared dataset directories a run reads: ``data.path``, or each mixture source's path that holds
+    a manifest (a bad one is refused afterwards, with one line naming the source, by `open_sources`)."""
+    if not sources:
+        return [Path(path)]
+    paths = [Path(spec["path"]) for spec in sources.values() if spec and spec.get("path")]
+    return [p for p in paths if (p / "manifest.json").is_file()]
+
+
 @contextmanager
 def run_dir_lock(run_dir: Path) -> Iterator[None]:
     """One run per run dir: rank 0 holds an exclusive ``flock`` on ``<run_dir>/run.lock`` for the run's
@@ -405,15 +423,31 @@ def locked_run(cfg: DictConfig) -> RunResult:
     if cfg.hardware.tune_malloc:
         keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    data_manifest = read_manifest(cfg.data.path)
+    sources = OmegaConf.to_container(cfg.data.sources, resolve=True) if cfg.data.sources else None
     if is_launcher_rank_zero():  # once, before the ranks start: they find the result cached
-        for split in data_manifest["splits"]:
-            verify_split(Path(cfg.data.path), data_manifest, split)
+        for directory in dataset_dirs(cfg.data.path, sources):
+            manifest = read_manifest(directory)
+            for split in manifest["splits"]:
+                verify_split(directory, manifest, split)
+    datamodule = ShardDataModule(  # a mixture's sources are checked here, before anything starts
+        path=cfg.data.path,
+        seq_len=cfg.data.seq_len,
+        batch_size=cfg.data.batch_size,
+        collate_fn=None,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.data.seed,
+        shuffle=cfg.data.shuffle,
+        overfit_samples=cfg.data.overfit_samples,
+        sources=sources,
+        alpha=cfg.data.alpha,
+    )
     ckpt_path = resolve_resume(cfg, ckpt_dir)
     if ckpt_path is not None:  # a checkpoint never runs code: refused with one line before Lightning reads it
         verify_for_resume(ckpt_path)
 
-    module = build_module(cfg, data_manifest)
+    weights = {s.name: s.weight for s in datamodule.sources}
+    module = build_module(cfg, datamodule.manifest, weights)
+    datamodule.collate_fn = module.collate_fn()
     if ckpt_path is not None:
         check_resume_fits(module, ckpt_path)
     if cfg.init_from and ckpt_path is None:  # continued pre-training; a resumed run has its own weights
@@ -422,16 +456,6 @@ def locked_run(cfg: DictConfig) -> RunResult:
         from llmforge.checkpoints import init_from
 
         rank_zero_info(f"init_from: loaded {init_from(module, cfg.init_from)}")
-    datamodule = ShardDataModule(
-        path=cfg.data.path,
-        seq_len=cfg.data.seq_len,
-        batch_size=cfg.data.batch_size,
-        collate_fn=module.collate_fn(),
-        num_workers=cfg.data.num_workers,
-        seed=cfg.data.seed,
-        shuffle=cfg.data.shuffle,
-        overfit_samples=cfg.data.overfit_samples,
-    )
     logger = instantiate(cfg.logger) if cfg.logger and "_target_" in cfg.logger else False
     requeue = [slurm.Requeue(lambda trainer: save_last(trainer, ckpt_dir))] if slurm.under_slurm() else []
     t = cfg.trainer

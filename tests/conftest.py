@@ -56,6 +56,32 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_mixture(tmp_path_factory) -> dict[str, Path]:
+    """Two sources with one shared 512-token tokenizer: "web" (module docs) and "code" (Python sources)."""
+    from llmforge.prep.text import stdlib_documents, stdlib_sources
+    from llmforge.prep.tokenizer import train_bpe
+    from llmforge.prep.writers import write_token_dataset
+
+    docs = list(islice(stdlib_documents(), 30))
+    code = [(str(p.name), p.read_text(encoding="utf-8")[:6000]) for p in stdlib_sources()[:40]]
+    tok = train_bpe((t for _, t in docs + code), vocab_size=512, num_sentinels=8)
+    root = tmp_path_factory.mktemp("mixture")
+    for name, items in (("web", docs), ("code", code)):
+        write_token_dataset(items, tok, root / name, val_fraction=0.15)
+    return {"web": root / "web", "code": root / "code"}
+
+
+def mixture_overrides(sources: dict[str, Path], web: float = 0.7, code: float = 0.3) -> list[str]:
+    return [
+        "data=mixture",
+        f"data.sources.web.path={sources['web']}",
+        f"data.sources.web.weight={web}",
+        f"data.sources.code.path={sources['code']}",
+        f"data.sources.code.weight={code}",
+    ]
+
+
 def compose_train(overrides: list[str] | None = None) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="train", overrides=overrides or [])

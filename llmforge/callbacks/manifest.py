@@ -49,11 +49,14 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def run_manifest(data_path: str | Path) -> dict:
+def run_manifest(data_path: str | Path | None) -> dict:
     return {
         "git": git_commit(),
         "versions": versions(),
-        "data": {"path": str(Path(data_path).resolve()), "manifest_sha256": manifest_sha256(data_path)},
+        # a mixture (data_path None): `llmforge.data.mixture.MixtureMonitor` adds data.sources
+        "data": {"path": str(Path(data_path).resolve()), "manifest_sha256": manifest_sha256(data_path)}
+        if data_path
+        else {},
         "argv": sys.argv,
         "host": platform.node(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -97,7 +100,7 @@ class RunManifest(L.Callback):
     text; logs the resolved run config, flattened, as hyperparameters (TensorBoard's HPARAMS tab), with the
     model's resolved vocabulary size and parameter count."""
 
-    def __init__(self, run_dir: str | Path, data_path: str | Path, config: dict | None = None) -> None:
+    def __init__(self, run_dir: str | Path, data_path: str | Path | None, config: dict | None = None) -> None:
         self.run_dir, self.data_path = Path(run_dir), data_path
         self.config = config
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial, wraps
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from llmforge.config import OptimConfig
 from llmforge.models.transformer import Block, DecoderBlock, TransformerConfig, flops_per_token
@@ -94,6 +95,12 @@ class PretrainModule(L.LightningModule):
         self.model = self.build_model()
         self.val_loss = MeanMetric()
         self.val_metrics = nn.ModuleDict({k: MeanMetric() for k in self.metric_names})
+        # a mixture: validation loader i is source i (sorted names); name -> training weight
+        self.val_sources: dict[str, float] = dict(self.data_info.get("sources") or {})
+        self.source_nats = nn.ModuleDict({k: SumMetric() for k in self.val_sources})
+        self.source_tokens = nn.ModuleDict({k: SumMetric() for k in self.val_sources})
+        self.source_bytes = nn.ModuleDict({k: SumMetric() for k in self.val_sources})
+        self._token_bytes: torch.Tensor | None = None
 
     # -- what an objective defines -------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -126,23 +133,63 @@ class PretrainModule(L.LightningModule):
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         loss, n_tokens, extra = self.loss(batch)
         self.val_loss.update(loss.detach().float(), weight=n_tokens)
         for key, metric in self.val_metrics.items():
             metric.update(extra[key].detach().float(), weight=n_tokens)
+        if self.val_sources:
+            name = list(self.val_sources)[dataloader_idx]
+            self.source_nats[name].update(loss.detach().double() * n_tokens)
+            self.source_tokens[name].update(float(n_tokens))
+            self.source_bytes[name].update(self.scored_bytes(batch))
+
+    def scored_bytes(self, batch: dict) -> torch.Tensor:
+        """UTF-8 bytes of the batch's scored tokens (``labels`` other than -100), for bits per byte."""
+        if self._token_bytes is None:
+            from llmforge.data.shards import TOKENIZER_FILE
+            from llmforge.evaluate import token_bytes
+
+            path = Path(self.data_info["path"]) / TOKENIZER_FILE
+            self._token_bytes = torch.from_numpy(token_bytes(path, self.model_cfg.vocab_size))
+        labels = batch["labels"]
+        scored = labels[labels != -100].cpu()
+        return self._token_bytes[scored].sum().double()
 
     def on_validation_epoch_end(self) -> None:
         if self.val_loss.update_count == 0:
             return
         value = self.val_loss.compute()
         self.val_loss.reset()
+        if self.val_sources:
+            value = self.log_sources(value)
         # MeanMetric already reduced across ranks; sync_dist only averages identical values
         self.log("val/loss", value, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(value.clamp(max=30)), sync_dist=True)
         for key, metric in self.val_metrics.items():
             self.log(f"val/{key}", metric.compute(), sync_dist=True)
             metric.reset()
+
+    def log_sources(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Logs ``val/<source>/loss``, ``/ppl`` and ``/bpb`` (bits per byte: the sum of nats / ln 2 / the
+        UTF-8 bytes of the scored tokens, comparable across tokenizers); returns the mixture's ``val/loss``:
+        the sources' losses weighted by their training weights (of the sources validated)."""
+        total, weights = pooled.new_zeros(()), 0.0
+        for name, weight in self.val_sources.items():
+            nats, tokens, nbytes = (m[name].compute() for m in (self.source_nats, self.source_tokens,
+                                                                self.source_bytes))
+            for m in (self.source_nats, self.source_tokens, self.source_bytes):
+                m[name].reset()
+            if tokens <= 0:
+                continue
+            loss = (nats / tokens).float()
+            self.log(f"val/{name}/loss", loss, sync_dist=True)
+            self.log(f"val/{name}/ppl", torch.exp(loss.clamp(max=30)), sync_dist=True)
+            if nbytes > 0:
+                self.log(f"val/{name}/bpb", (nats / math.log(2) / nbytes).float(), sync_dist=True)
+            total = total + weight * loss
+            weights += weight
+        return total / weights if weights else pooled
 
     def total_steps(self) -> int:
         if self.optim_cfg.decay_steps:
