@@ -112,17 +112,29 @@ class Segment:
             raise ValueError(f"position {int(local.min()) + self.start} precedes the segment at {self.start}")
         blocks, slots = np.divmod(local, big_b)
         uniq, inverse = np.unique(blocks, return_inverse=True)
-        keys = derive_key(self.seed, BLOCK_KEY, uniq)
-        shuffled = permute(slots, big_b, keys[inverse]) if local.size else slots
+        sources, ranks = self.blocks(uniq)
         lo = apportion(uniq * big_b, w)
-        hi = apportion((uniq + 1) * big_b, w)
-        ends = np.cumsum(hi - lo, axis=1)[inverse]  # per position: the end of each source's slot range
-        source = (shuffled[:, None] >= ends).sum(axis=1)
-        rows = np.arange(local.size)
-        range_start = ends[rows, source] - (hi - lo)[inverse][rows, source]
-        before = np.asarray(self.offsets, dtype=np.int64)[source] + lo[inverse][rows, source]
-        draw = before + shuffled - range_start
-        return source, draw
+        source = sources[inverse, slots]
+        before = np.asarray(self.offsets, dtype=np.int64)[source] + lo[inverse, source]
+        return source, before + ranks[inverse, slots]
+
+    def blocks(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For whole blocks: (U, B) source of each slot, and its rank among the block's slots of that
+        source (so the draws of any prefix of a block are contiguous per source: a segment may end
+        anywhere)."""
+        w = np.asarray(self.weights)
+        big_b = block_size(w)
+        keys = derive_key(self.seed, BLOCK_KEY, blocks)
+        shuffled = permute(np.tile(np.arange(big_b), blocks.size), big_b, np.repeat(keys, big_b))
+        shuffled = shuffled.reshape(blocks.size, big_b)
+        counts = apportion((blocks + 1) * big_b, w) - apportion(blocks * big_b, w)
+        ends = np.cumsum(counts, axis=1)
+        sources = (shuffled[:, :, None] >= ends[:, None, :]).sum(axis=2)
+        ranks = np.zeros_like(sources)
+        for k in range(w.size):
+            mine = sources == k
+            ranks[mine] = (np.cumsum(mine, axis=1) - 1)[mine]
+        return sources, ranks
 
     def draws_before(self, cursor: int) -> list[int]:
         """Draws of each source made at global positions < cursor (cursor >= start)."""
