@@ -18,12 +18,14 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
 from llmforge.data.dataset import GlobalCursorSampler, PackedWindows
+from llmforge.data.mixture import MixtureSampler, open_sources
 from llmforge.data.shards import ShardSet
-from tests.conftest import clean_env, run_cli
+from tests.conftest import clean_env, mixture_overrides, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +54,16 @@ def all_scalars(run_dir: Path, tag: str) -> dict[int, list[float]]:
     return out
 
 
-def train_args(tiny_data: Path, name: str, *extra: str) -> list[str]:
+@pytest.fixture(params=["single", "mixture"])
+def data(request, tiny_data, tiny_mixture) -> list[str]:
+    """The data overrides: one dataset, or a 0.7/0.3 mixture of two sources."""
+    return [f"data.path={tiny_data}"] if request.param == "single" else mixture_overrides(tiny_mixture)
+
+
+def train_args(data: list[str], name: str, *extra: str) -> list[str]:
     return [
         "model=tiny",
-        f"data.path={tiny_data}",
+        *data,
         "data.seq_len=32",
         "data.batch_size=4",
         "trainer.enable_progress_bar=false",
@@ -67,18 +75,18 @@ def train_args(tiny_data: Path, name: str, *extra: str) -> list[str]:
     ]
 
 
-def test_sigkill_at_random_step_then_resume_is_bitwise_equal(tmp_path, tiny_data):
+def test_sigkill_at_random_step_then_resume_is_bitwise_equal(tmp_path, data):
     steps = 10
     common = (
         f"trainer.max_steps={steps}",
         "trainer.val_check_interval=3",  # validation, checkpoints and the kill fall on different steps
         "trainer.ckpt_every_n_steps=1",
     )
-    full = run_cli("llmforge.train", *train_args(tiny_data, "full", *common), cwd=tmp_path, timeout=600)
+    full = run_cli("llmforge.train", *train_args(data, "full", *common), cwd=tmp_path, timeout=600)
     assert full.returncode == 0, full.stderr[-3000:]
 
     k = random.Random(5).randint(2, steps - 3)  # the step whose checkpoint triggers the kill
-    args = train_args(tiny_data, "killed", *common, "+callbacks.slow._target_=tests.test_resume.SlowSteps")
+    args = train_args(data, "killed", *common, "+callbacks.slow._target_=tests.test_resume.SlowSteps")
     ckpt_dir = tmp_path / "runs" / "killed" / "checkpoints"
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmforge.train", *args],
@@ -105,7 +113,7 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_equal(tmp_path, tiny_data
     assert k - 1 <= killed_at < steps - 1, (k, killed_at)  # killed in the middle of the run
 
     resumed = run_cli(
-        "llmforge.train", *train_args(tiny_data, "killed", *common, "resume=auto"), cwd=tmp_path, timeout=600
+        "llmforge.train", *train_args(data, "killed", *common, "resume=auto"), cwd=tmp_path, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
@@ -138,11 +146,18 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_equal(tmp_path, tiny_data
     assert len(all_scalars(tmp_path / "runs/full", "train/loss")) == steps
 
 
-def stream(tiny_data: Path, batch_size: int, n: int) -> list[int]:
+def stream(data: list[str], batch_size: int, n: int) -> list[int]:
     """The first n samples of the global stream (what one process with data.seed=1234 draws)."""
-    windows = PackedWindows(ShardSet.open(tiny_data, "train"), 32)
-    sampler = GlobalCursorSampler(len(windows), batch_size, seed=1234)
-    return [sampler.order(p) for p in range(n)]
+    if data[0] != "data=mixture":
+        windows = PackedWindows(ShardSet.open(data[0].split("=", 1)[1], "train"), 32)
+        return GlobalCursorSampler(len(windows), batch_size, seed=1234).orders(np.arange(n)).tolist()
+    paths = dict(arg.split("=", 1) for arg in data[1:])
+    specs = {k: {"path": paths[f"data.sources.{k}.path"], "weight": float(paths[f"data.sources.{k}.weight"])}
+             for k in ("web", "code")}
+    sources = open_sources(specs, 32)
+    sizes, weights = [len(s.train) for s in sources], [s.weight for s in sources]
+    sampler = MixtureSampler(sizes, weights, batch_size, seed=1234, names=[s.name for s in sources])
+    return sampler.orders(np.arange(n)).tolist()
 
 
 def batches(run_dir: Path, rank: int) -> list[list[int]]:
@@ -151,13 +166,13 @@ def batches(run_dir: Path, rank: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
-def test_elastic_resume_continues_the_sample_stream(tmp_path, tiny_data, before, after):
+def test_elastic_resume_continues_the_sample_stream(tmp_path, data, before, after):
     """3 steps on `before` processes, then 3 more on `after` (DDP on gloo when 2), batch 2 per process."""
 
     def launch(devices: int, max_steps: int, *extra: str) -> None:
         strategy = ("strategy=ddp", "hardware.devices=2") if devices == 2 else ("strategy=auto",)
         args = train_args(
-            tiny_data,
+            data,
             "elastic",
             *strategy,
             "data.batch_size=2",
@@ -185,7 +200,7 @@ def test_elastic_resume_continues_the_sample_stream(tmp_path, tiny_data, before,
         for sample in rank_batches[step]
     ]
     total = 3 * 2 * before + 3 * 2 * after
-    assert consumed == stream(tiny_data, 2, total)  # in order, none repeated, none skipped
+    assert consumed == stream(data, 2, total)  # in order, none repeated, none skipped
     assert len(set(consumed)) == total
     ck = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert ck["global_step"] == 6 and ck["ShardDataModule"]["cursor"] == total
