@@ -154,6 +154,7 @@ class TokenizerConfig:
     min_frequency: int = 2
     sample_fraction: float = 1.0  # documents chosen by id hash, in shard order ...
     sample_chars: int = 200_000_000  # ... until this many characters
+    path: str | None = None  # reuse this tokenizer (a tokenizer.json or a directory with one): no training
 
 
 @dataclass
@@ -161,6 +162,8 @@ class ReaderConfig:
     # a record whose block, decoded body (Content-Encoding) or extent up to the next record is larger is
     # counted as too_large, never held whole in memory
     max_record_bytes: int = 10 << 20
+    text_field: str = "text"  # pipeline=jsonl: the field holding a document's text
+    id_field: str | None = "id"  # pipeline=jsonl: its id (absent: <file>:<line>)
 
 
 @dataclass

@@ -8,6 +8,8 @@ A dataset is one directory::
     {split}-{k:05d}.bin        raw token ids, little-endian uint16 (vocab <= 65536) or uint32
     {split}-{k:05d}.idx        int64 document end offsets within the shard (document i is
                                tokens[idx[i-1]:idx[i]]); every document ends with EOS
+    {split}-{k:05d}.docs.jsonl lineage (optional): line i says where document i came from: its id (WARC
+                               record id, file path, JSON id) and, when known, url, file and line
 
 Writers finish each shard under a temporary name and rename it, and the manifest is written last, so a
 directory with a manifest is complete.
@@ -27,6 +29,7 @@ import numpy as np
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
+LINEAGE_SUFFIX = ".docs.jsonl"  # beside {split}-{k:05d}.bin: one JSON object (a document's origin) per line
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -78,9 +81,11 @@ class SplitWriter:
         self.dtype = dtype_for_vocab(self.vocab_size)
         self._chunks: list[np.ndarray] = []
         self._ends: list[int] = []
+        self._origins: list[dict | None] = []
         self._size = 0
 
-    def add(self, ids: Sequence[int] | np.ndarray) -> None:
+    def add(self, ids: Sequence[int] | np.ndarray, origin: dict | None = None) -> None:
+        """Append one document; ``origin`` (id, url, file, line) goes to the shard's lineage file."""
         arr = np.asarray(ids, dtype=np.int64)
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
             bad = int(arr.max()) if arr.max() >= self.vocab_size else int(arr.min())
@@ -91,6 +96,7 @@ class SplitWriter:
         self._chunks.append(np.array([self.eos_id], dtype=self.dtype))
         self._size += arr.size + 1
         self._ends.append(self._size)
+        self._origins.append(origin)
         if self._size >= self.shard_tokens:
             self.flush()
 
@@ -109,8 +115,15 @@ class SplitWriter:
         idx_tmp = self.directory / f"{name}.idx.tmp"
         np.asarray(self._ends, dtype="<i8").tofile(idx_tmp)
         os.replace(idx_tmp, self.directory / f"{name}.idx")
+        if any(o is not None for o in self._origins):
+            lines = "".join(
+                json.dumps(o or {}, ensure_ascii=False, sort_keys=True) + "\n" for o in self._origins
+            )
+            docs_tmp = self.directory / f"{name}{LINEAGE_SUFFIX}.tmp"
+            docs_tmp.write_text(lines, encoding="utf-8")
+            os.replace(docs_tmp, self.directory / f"{name}{LINEAGE_SUFFIX}")
         self.shards.append(ShardInfo(bin_path.name, self._size, len(self._ends), sha256_file(bin_path)))
-        self._chunks, self._ends, self._size = [], [], 0
+        self._chunks, self._ends, self._origins, self._size = [], [], [], 0
 
     def summary(self) -> dict:
         self.flush()

@@ -93,10 +93,16 @@ def hashed_fraction(text: str) -> float:
 
 
 def source_documents(source: str | list[str], reader_cfg: dict, reader_stats: dict) -> Iterator[Document]:
-    """Documents of one input shard: a crawl file, a list of text files, or the embedded stdlib corpus."""
+    """Documents of one input shard: a crawl file, a JSON Lines file, a list of text files, or the embedded
+    stdlib corpus."""
+    from llmforge.prep.jsonl import JSONL_SUFFIXES, read_jsonl
     from llmforge.prep.readers import WarcReader, read_text_file
     from llmforge.prep.text import stdlib_documents
 
+    if isinstance(source, str) and source.endswith(JSONL_SUFFIXES):
+        text_field, id_field = reader_cfg.get("text_field", "text"), reader_cfg.get("id_field", "id")
+        yield from read_jsonl(source, text_field, id_field, reader_stats)
+        return
     if source == "stdlib":
         for doc_id, text in stdlib_documents():
             yield Document(text, doc_id, {"source": "stdlib", "content_type": "text/plain"})
@@ -304,6 +310,8 @@ def kept_documents(work: Path, index: int, drop: np.ndarray) -> Iterator[Documen
 
 
 def tokenizer_hash(cfg: dict, work: Path) -> str:
+    if (cfg["tokenizer"] or {}).get("path"):  # reused: its bytes are the stage's only input
+        return digest("reuse", sha256_file(reused_tokenizer(cfg["tokenizer"]["path"])))
     return digest(cfg["tokenizer"], json.loads((work / "dedup" / "dedup.done").read_text())["hash"])
 
 
@@ -323,6 +331,10 @@ def tokenizer_stage(cfg: dict, work_dir: str, n_shards: int) -> str:
     h = tokenizer_hash(cfg, work)
     out = work / "tokenizer"
     path = out / TOKENIZER_FILE
+    if t.get("path"):  # reuse a tokenizer (a mixture's sources share one): its bytes, checked, no training
+        write_atomic(path, reused_tokenizer(t["path"]).read_bytes())
+        write_marker(out / "tokenizer.done", h)
+        return str(path)
     drop = load_drop(work)
     fraction, budget = float(t.get("sample_fraction", 1.0)), int(t.get("sample_chars", 200_000_000))
     stats = [work / "process" / f"{i:05d}.stats.json" for i in range(n_shards)]
@@ -351,6 +363,33 @@ def tokenizer_stage(cfg: dict, work_dir: str, n_shards: int) -> str:
     return str(path)
 
 
+def reused_tokenizer(spec: str) -> Path:
+    """``tokenizer.path``: a tokenizer.json, or a directory holding one (a prepared dataset's); checked to
+    load and to have llmforge's special tokens."""
+    from tokenizers import Tokenizer
+
+    from llmforge.prep.tokenizer import special_token_ids
+
+    path = Path(spec)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer.path={spec}: no tokenizer file there ({path} missing)")
+    try:
+        special_token_ids(Tokenizer.from_file(str(path)))
+    except Exception as err:  # noqa: BLE001 - any load failure is one line naming the key
+        raise ValueError(f"tokenizer.path={spec}: not a usable tokenizer ({err})") from None
+    return path
+
+
+def origin(doc: Document) -> dict:
+    """Where a document came from, for the lineage index (`llmforge.data.lineage`): its id (WARC record id,
+    file path or JSON id), URL, input file and line, whichever are known."""
+    meta = doc.metadata
+    out = {"id": doc.id, "url": meta.get("url"), "file": meta.get("source"), "line": meta.get("line")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 # -- stage 4: tokenize (per shard) ----------------------------------------------------------------
 
 
@@ -367,7 +406,7 @@ def tokenize_hash(cfg: dict, work: Path, index: int) -> str:
         json.loads((work / p).read_text())["hash"]
         for p in (f"process/{index:05d}.done", "dedup/dedup.done", "tokenizer/tokenizer.done")
     ]
-    return digest({k: cfg.get(k) for k in ("val_fraction", "shard_tokens")}, upstream)
+    return digest({k: cfg.get(k) for k in ("val_fraction", "shard_tokens")}, upstream, {"lineage": 1})
 
 
 def tokenize_cached(cfg: dict, work_dir: str, out_dir: str, index: int) -> dict | None:
@@ -399,7 +438,8 @@ def tokenize_shard(cfg: dict, work_dir: str, out_dir: str, index: int) -> dict:
         for split in ("train", "val")
     }
     counter = Meter(f"tokenize {index:05d}", unit="docs")
-    docs = ((d.id, d.text) for d in counter.counted(kept_documents(work, index, load_drop(work))))
+    kept = counter.counted(kept_documents(work, index, load_drop(work)))
+    docs = ((d.id, d.text, origin(d)) for d in kept)
     count = encode_into(writers, docs, tok, float(cfg["val_fraction"]))
     counter.close()
     summary = {split: w.summary() for split, w in writers.items()}
@@ -531,8 +571,9 @@ def finalize(
             "shards": shards,
         }
     listed = {s["file"] for sp in splits.values() for s in sp["shards"]}
-    for stale in list(out.glob("*.bin")) + list(out.glob("*.idx")):
-        if stale.with_suffix(".bin").name not in listed:
+    for stale in list(out.glob("*.bin")) + list(out.glob("*.idx")) + list(out.glob("*.docs.jsonl")):
+        stem = stale.name.removesuffix(".docs.jsonl").removesuffix(".idx").removesuffix(".bin")
+        if stem + ".bin" not in listed:
             stale.unlink()
     totals, report = funnel_report(process_stats, dedup, tokenize)
     write_dropped_samples(work, out, len(sources), int(cfg.get("dropped_samples", 50)))
@@ -547,6 +588,8 @@ def finalize(
         "dedup": {k: dedup.get(k) for k in ("docs_in", "docs_out", "exact_dropped", "near_dropped")},
         "reader": {k: totals["reader"][k] for k in ("records", "documents", "skipped")},
     }
+    if (cfg.get("tokenizer") or {}).get("path"):  # reused, not trained here
+        source["tokenizer"] = {"reused": str(Path(cfg["tokenizer"]["path"]).resolve())}
     return write_manifest(
         out,
         vocab_size=tok.get_vocab_size(),
@@ -562,8 +605,11 @@ def finalize(
 
 
 def plan_sources(inputs: list[str], files_per_shard: int) -> list[str | list[str]]:
-    """Crawl files are one shard each; plain text files are grouped `files_per_shard` to a shard."""
-    crawl = [s for s in inputs if s == "stdlib" or s.endswith(WARC_SUFFIXES)]
+    """Crawl and JSON Lines files are one shard each; plain text files are grouped `files_per_shard` to a
+    shard."""
+    from llmforge.prep.jsonl import JSONL_SUFFIXES
+
+    crawl = [s for s in inputs if s == "stdlib" or s.endswith(WARC_SUFFIXES + JSONL_SUFFIXES)]
     text = [s for s in inputs if s not in crawl]
     groups = [text[i : i + files_per_shard] for i in range(0, len(text), files_per_shard)]
     return [*crawl, *groups]

@@ -6,9 +6,10 @@ EOS=3, MASK=4, then the span-corruption sentinels ``<extra_id_0>`` ... (T5's nam
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 PAD, UNK, BOS, EOS, MASK = "<pad>", "<unk>", "<bos>", "<eos>", "<mask>"
@@ -62,3 +63,37 @@ def special_token_ids(tok: Tokenizer) -> dict[str, int]:
 
 def load(path: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
+
+
+def mixture_sample(
+    datasets: dict[str, float], sample_chars: int, seed: int = 0
+) -> Iterator[str]:
+    """Texts of the train documents of several prepared datasets, each dataset contributing its share of
+    ``sample_chars`` characters (its weight over the sum): documents in a seeded random order (a Feistel
+    permutation of each dataset's document ordinals), decoded from the token shards with the dataset's own
+    tokenizer (byte-level BPE decodes to the very text it encoded). The shards hold exactly the documents
+    the data stage kept (cleaned, filtered, deduplicated), whatever pipeline wrote them."""
+    from llmforge.data.permutation import derive_key, permute
+    from llmforge.data.shards import TOKENIZER_FILE, ShardSet
+
+    total = sum(datasets.values())
+    if not datasets or total <= 0 or min(datasets.values()) <= 0:
+        raise ValueError(f"dataset weights {datasets} must be positive")
+    for k, (directory, weight) in enumerate(sorted(datasets.items())):
+        shards = ShardSet.open(directory, "train")
+        tok = load(Path(directory) / TOKENIZER_FILE)
+        budget = sample_chars * weight / total
+        starts = [np.concatenate([[0], e[:-1]]) for e in shards.doc_ends]
+        first = np.cumsum([0] + [e.size for e in shards.doc_ends])
+        n = int(first[-1])
+        used = 0
+        for p in range(n):
+            if used >= budget:
+                break
+            doc = int(permute(p, n, derive_key(seed, k)))
+            shard = int(np.searchsorted(first, doc, side="right")) - 1
+            i = doc - int(first[shard])
+            ids = np.asarray(shards.arrays[shard][starts[shard][i] : shards.doc_ends[shard][i] - 1])
+            text = tok.decode(ids.tolist(), skip_special_tokens=False)
+            used += len(text)
+            yield text

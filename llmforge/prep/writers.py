@@ -32,12 +32,13 @@ def batched(items: Iterable, n: int) -> Iterator[list]:
 
 def encode_into(
     writers: dict[str, SplitWriter],
-    documents: Iterable[tuple[str, str]],
+    documents: Iterable[tuple[str, str] | tuple[str, str, dict]],
     tokenizer: Tokenizer,
     val_fraction: float,
     batch_size: int = 256,
 ) -> int:
-    """Encode (id, text) documents in batches into the train or val writer, chosen by hash; returns count."""
+    """Encode (id, text[, origin]) documents in batches into the train or val writer, chosen by hash;
+    returns the count. Each document's origin (default ``{"id": id}``) goes to the lineage index."""
     # Text that happens to spell "<eos>" or "<mask>" is text: never let it become a special id.
     was, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True
     # tokenizers >= 0.21: the same ids without computing character offsets (~10% less work)
@@ -45,10 +46,11 @@ def encode_into(
     count = 0
     try:
         for chunk in batched(documents, batch_size):
-            encodings = encode([text for _, text in chunk], add_special_tokens=False)
-            for (doc_id, text), enc in zip(chunk, encodings, strict=True):
+            encodings = encode([doc[1] for doc in chunk], add_special_tokens=False)
+            for doc, enc in zip(chunk, encodings, strict=True):
+                doc_id, text = doc[0], doc[1]
                 split = "val" if is_validation(doc_id, text, val_fraction) else "train"
-                writers[split].add(enc.ids)
+                writers[split].add(enc.ids, doc[2] if len(doc) > 2 else {"id": doc_id})
                 count += 1
     finally:
         tokenizer.encode_special_tokens = was
@@ -56,7 +58,7 @@ def encode_into(
 
 
 def write_token_dataset(
-    documents: Iterable[tuple[str, str]],
+    documents: Iterable[tuple[str, str] | tuple[str, str, dict]],
     tokenizer: Tokenizer,
     out_dir: Path,
     *,
@@ -66,7 +68,8 @@ def write_token_dataset(
     source: dict | None = None,
     config_hash: str | None = None,
 ) -> dict:
-    """Encode (id, text) documents in batches, route them to train/val by hash, write shards + manifest."""
+    """Encode (id, text[, origin]) documents in batches, route them to train/val by hash, write shards, their
+    lineage files and the manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tok_path = out_dir / TOKENIZER_FILE
     tokenizer.save(str(tok_path))
