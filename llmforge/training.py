@@ -37,6 +37,7 @@ from llmforge.checkpoints import (
 )
 from llmforge.config import check_hardware, validate
 from llmforge.data.datamodule import ShardDataModule
+from llmforge.data.lineage import DataLog
 from llmforge.data.shards import read_manifest, verify_split
 from llmforge.objectives.base import PretrainModule
 
@@ -168,6 +169,7 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
         callbacks.append(cb)
     config = OmegaConf.to_container(cfg, resolve=True)
     callbacks.append(RunManifest(cfg.run_dir, cfg.data.path, config=config))
+    callbacks.append(DataLog(cfg.run_dir))  # data position per (re)start: llmforge.inspect reads it
     if cfg.data.sources:  # after RunManifest: adds the sources to run_manifest.json
         from llmforge.data.mixture import MixtureMonitor
 
