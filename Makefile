@@ -6,7 +6,10 @@ BIN    := $(VENV)/bin
 # The project's machines keep a CPU build of torch on disk; elsewhere pip resolves torch from PyPI.
 WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: venv demo test test-fast lint bench clean slurm-up slurm-down ray-up ray-down
+STDLIB  = $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+CODE    = pipeline=text input='$(STDLIB)/*.py' clean.enabled=false val_fraction=0.05
+
+.PHONY: venv demo demo-mixture test test-fast lint bench clean slurm-up slurm-down ray-up ray-down
 
 venv: $(VENV)/.installed
 
@@ -23,6 +26,17 @@ demo: venv
 	@echo
 	@echo "Demo finished. Curves: runs/demo/curves.png   TensorBoard: $(BIN)/tensorboard --logdir runs/demo"
 	@echo "Checkpoint: runs/demo/checkpoints/last.ckpt   Config and manifest: runs/demo/{config.yaml,run_manifest.json}"
+
+# Two sources, one tokenizer, 70/30 (conf/experiment/mixture.yaml): the demo crawl and the stdlib's code.
+demo-mixture: venv
+	$(BIN)/python -m llmforge.prepare
+	$(BIN)/python -m llmforge.prepare $(CODE) output_dir=data/code
+	$(BIN)/python -m llmforge.tokenizer data/mix-tokenizer data/demo=0.7 data/code=0.3 --vocab-size 8192
+	$(BIN)/python -m llmforge.prepare output_dir=data/mix-web tokenizer.path=data/mix-tokenizer
+	$(BIN)/python -m llmforge.prepare $(CODE) output_dir=data/mix-code tokenizer.path=data/mix-tokenizer
+	$(BIN)/python -m llmforge.train experiment=mixture resume=auto
+	$(BIN)/python -m llmforge.plot runs/demo-mixture
+	@echo "TensorBoard: $(BIN)/tensorboard --logdir runs/demo-mixture   (val/web/*, val/code/*, data/*/epoch)"
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -3,7 +3,8 @@
 ``python -m llmforge.plot RUN_DIR [--out FILE]`` is the command line.
 
 Panels: loss (train and validation), perplexity, gradient norm (before clipping), learning rate, and,
-when the run logged them, tokens/s and MFU.
+when the run logged them, tokens/s and MFU; for a mixture, validation loss and bits per byte per source and
+the sources' epochs.
 """
 
 from __future__ import annotations
@@ -40,11 +41,25 @@ def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(points.items()) for tag, points in series.items()}
 
 
+def source_panels(scalars: dict) -> list[tuple[str, tuple[str, ...], str, bool]]:
+    """A mixture run's panels: validation loss and bits per byte per source (``val/<source>/loss|bpb``,
+    with the weighted ``val/loss``), and the sources' epochs (``data/<source>/epoch``)."""
+    names = sorted({t.split("/")[1] for t in scalars if t.startswith("val/") and t.count("/") == 2})
+    if not names:
+        return []
+    epochs = tuple(f"data/{n}/epoch" for n in names if f"data/{n}/epoch" in scalars)
+    return [
+        ("val loss per source", ("val/loss", *(f"val/{n}/loss" for n in names)), "linear", True),
+        ("val bits per byte", tuple(f"val/{n}/bpb" for n in names), "linear", True),
+        *([("epochs per source", epochs, "linear", True)] if epochs else []),
+    ]
+
+
 def figure(scalars: dict[str, list[tuple[int, float]]]) -> Figure:
     """One panel per entry of `PANELS` (the optional ones only when logged), three to a row."""
     from matplotlib.figure import Figure
 
-    panels = [p for p in PANELS if p[3] or any(tag in scalars for tag in p[1])]
+    panels = [p for p in PANELS if p[3] or any(tag in scalars for tag in p[1])] + source_panels(scalars)
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(4.2 * cols, 3.3 * rows), layout="tight")
