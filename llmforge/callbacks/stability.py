@@ -62,7 +62,8 @@ class StabilityGuard(L.Callback):
     initial weights as the step-0 checkpoint (``save_initial``), so a run that diverges before its first
     periodic checkpoint still has one to return to. Every anomaly is appended to
     ``<run_dir>/anomalies.jsonl``: step, kind, loss (mean and per rank), the window statistics, the action,
-    and the sample (window) indices of the step's batches, of all ranks.
+    and the sample (window) indices of the step's batches, of all ranks, with the documents of each window
+    (``documents``: source, window and, per document, its id, URL or file and line; `llmforge.data.lineage`).
     """
 
     def __init__(
@@ -232,6 +233,11 @@ class StabilityGuard(L.Callback):
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         if trainer.is_global_zero:
+            datamodule = getattr(trainer, "datamodule", None)
+            if datamodule is not None and hasattr(datamodule, "sources"):  # source, id and URL per window
+                from llmforge.data.lineage import describe_indices
+
+                record["documents"] = describe_indices(datamodule, record["indices"])
             path = Path(trainer.default_root_dir) / "anomalies.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:

@@ -207,3 +207,19 @@ def inspect_step(
         for i, index in picked:
             out.append({"step": step, "rank": rank, "sample": i, **lineage.describe(index, excerpt_chars)})
     return out
+
+
+def describe_indices(datamodule, indices: list[int], excerpt_chars: int = 0) -> list[dict]:
+    """`Lineage.describe` for the windows of a running datamodule (the stability guard names the documents
+    of a spiking batch with it); an index it cannot describe gets an ``error`` entry instead."""
+    lineage = getattr(datamodule, "_lineage", None)
+    if lineage is None:
+        lineage = Lineage.of_datamodule(datamodule)
+        datamodule._lineage = lineage
+    out = []
+    for index in indices:
+        try:
+            out.append(lineage.describe(int(index), excerpt_chars))
+        except (OSError, ValueError, IndexError, KeyError) as err:
+            out.append({"index": int(index), "error": str(err)})
+    return out
