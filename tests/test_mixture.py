@@ -172,6 +172,11 @@ def test_mixture_run_validates_per_source_and_resumes_with_changed_weights(tiny_
     for name in ("web", "code"):
         tags = {f"val/{name}/loss", f"val/{name}/bpb", f"data/{name}/epoch", f"data/{name}/tokens"}
         assert tags <= set(scalars)
+    from llmforge.plot import figure, plot, source_panels
+
+    titles = [title for title, *_ in source_panels(scalars)]
+    assert titles == ["val loss per source", "val bits per byte", "epochs per source"]
+    assert len(figure(scalars).axes) == 9 and plot(run_dir).stat().st_size > 10_000
     web, code = scalars["val/web/loss"][-1][1], scalars["val/code/loss"][-1][1]
     assert scalars["val/loss"][-1][1] == pytest.approx(0.7 * web + 0.3 * code, rel=1e-5)
     manifest = json.loads((run_dir / "run_manifest.json").read_text())["data"]
