@@ -6,6 +6,9 @@ in batches of the run's ``data.batch_size`` (from the run's ``config.yaml``; ``d
 overrides). ``trainer.limit_val_batches=N`` (or ``--limit-batches N``) scores the first N batches. A JSON
 file holds the result (``--out``; default ``<run dir>/eval/<checkpoint>-<split>.json``). A checkpoint that
 holds anything but tensors and plain data is refused with one line (it could run code).
+
+A mixture run (``data=mixture``) is scored on every source's split on its own (loss, ppl, bpb per source),
+and ``loss`` is the sources' losses weighted by their training weights, as the trainer's ``val/loss``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 
 from llmforge.checkpoints import checkpoint_file, load_module
-from llmforge.evaluation import PRECISIONS, evaluate, run_config
+from llmforge.evaluation import PRECISIONS, evaluate, evaluate_sources, run_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,22 +69,26 @@ def main(argv: list[str] | None = None) -> int:
         run_cfg = run_config(file)
         data = args.data or (run_cfg.get("data") or {}).get("path")
         module = load_module(file, args.data, args.seq_len)
+        sources = {} if args.data else (module.data_info.get("sources") or {})
         data = data or module.data_info.get("path")
-        if not data:
+        if not data and not sources:
             raise ValueError("no data directory: pass data=DIR")
         batch_size = args.batch_size or (run_cfg.get("data") or {}).get("batch_size") or 8
         precision = args.precision or (run_cfg.get("precision") or {}).get("value") or "32-true"
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        result = evaluate(
-            module,
-            data,
-            split=args.split or "val",
-            batch_size=int(batch_size),
-            limit_batches=args.limit_batches,
-            device=device,
-            precision=precision,
-            progress=not args.no_progress,
-        )
+        common = {
+            "split": args.split or "val",
+            "batch_size": int(batch_size),
+            "limit_batches": args.limit_batches,
+            "device": device,
+            "precision": precision,
+            "progress": not args.no_progress,
+        }
+        if sources:  # a mixture run: every source on its own, and the weighted loss
+            paths = {name: spec["path"] for name, spec in (run_cfg["data"].get("sources") or {}).items()}
+            result = evaluate_sources(module, {n: paths[n] for n in sources}, sources, **common)
+        else:
+            result = evaluate(module, data, **common)
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -90,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else run_dir / "eval" / f"{file.stem}-{result['split']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    bpb = f"{result['bpb']:.4f}" if result["bpb"] is not None else "n/a"
+    for name, r in (result.get("sources") or {}).items():
+        bpb = f"{r['bpb']:.4f}" if r["bpb"] is not None else "n/a"
+        print(f"{name}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  bpb {bpb}  ({r['tokens_scored']} tokens)")
+    bpb = f"{result['bpb']:.4f}" if result["bpb"] is not None else "n/a (per source)"
     print(
         f"{result['split']}: loss {result['loss']:.4f}  ppl {result['ppl']:.2f}  bpb {bpb}  "
         f"({result['tokens_scored']} tokens, {result['batches']} batches)  -> {out}"

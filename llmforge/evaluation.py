@@ -155,3 +155,25 @@ def evaluate(
         "seconds": time.perf_counter() - start,
     }
     return result
+
+
+def evaluate_sources(module, sources: dict[str, str | Path], weights: dict[str, float], **kwargs) -> dict:
+    """A mixture's checkpoint on each source's split (`evaluate` per source), and the sources' losses
+    weighted by their training weights (``loss``, the trainer's ``val/loss`` of a mixture)."""
+    per_source = {name: evaluate(module, path, **kwargs) for name, path in sorted(sources.items())}
+    total = sum(weights.get(name, 0.0) for name in per_source)
+    if total <= 0:
+        raise ValueError(f"no training weight for the sources {sorted(per_source)}")
+    loss = sum(weights.get(name, 0.0) * r["loss"] for name, r in per_source.items()) / total
+    first = next(iter(per_source.values()))
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 30.0)),
+        "bpb": None,  # per source only: bytes differ between sources
+        "sources": per_source,
+        "weights": {name: weights.get(name, 0.0) / total for name in per_source},
+        "tokens_scored": sum(r["tokens_scored"] for r in per_source.values()),
+        "batches": sum(r["batches"] for r in per_source.values()),
+        "split": first["split"],
+        "precision": first["precision"],
+    }

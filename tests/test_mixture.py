@@ -176,7 +176,8 @@ def test_mixture_run_validates_per_source_and_resumes_with_changed_weights(tiny_
 
     titles = [title for title, *_ in source_panels(scalars)]
     assert titles == ["val loss per source", "val bits per byte", "epochs per source"]
-    assert len(figure(scalars).axes) == 9 and plot(run_dir).stat().st_size > 10_000
+    drawn = [ax.get_title() for ax in figure(scalars).axes]
+    assert drawn[-3:] == titles and plot(run_dir).stat().st_size > 10_000
     web, code = scalars["val/web/loss"][-1][1], scalars["val/code/loss"][-1][1]
     assert scalars["val/loss"][-1][1] == pytest.approx(0.7 * web + 0.3 * code, rel=1e-5)
     manifest = json.loads((run_dir / "run_manifest.json").read_text())["data"]
@@ -186,6 +187,17 @@ def test_mixture_run_validates_per_source_and_resumes_with_changed_weights(tiny_
     assert progress["web"]["tokens"] == progress["web"]["windows"] * 32
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["ShardDataModule"]
     assert state["cursor"] == 12 and len(state["segments"]) == 1
+
+    # python -m llmforge.evaluate: every source on its own, and the weighted loss
+    from llmforge.evaluate import main as evaluate_main
+
+    out = tmp_path / "eval.json"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert evaluate_main([str(ckpt), "--no-progress", "--limit-batches", "2", "--out", str(out)]) == 0
+    scored = json.loads(out.read_text())
+    assert set(scored["sources"]) == {"web", "code"} and scored["sources"]["code"]["bpb"] > 0
+    mixed = 0.7 * scored["sources"]["web"]["loss"] + 0.3 * scored["sources"]["code"]["loss"]
+    assert scored["loss"] == pytest.approx(mixed)
 
     # resumed with other weights: a new segment at cursor 12 whose offsets are the draws made so far
     resumed = run(

@@ -148,7 +148,7 @@ class PretrainModule(L.LightningModule):
         """UTF-8 bytes of the batch's scored tokens (``labels`` other than -100), for bits per byte."""
         if self._token_bytes is None:
             from llmforge.data.shards import TOKENIZER_FILE
-            from llmforge.evaluate import token_bytes
+            from llmforge.evaluation import token_bytes
 
             path = Path(self.data_info["path"]) / TOKENIZER_FILE
             self._token_bytes = torch.from_numpy(token_bytes(path, self.model_cfg.vocab_size))
