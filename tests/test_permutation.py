@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmforge.data.permutation import derive_key, half_bits, permute
+from llmforge.data.permutation import derive_key, permute, range_bits
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 15, 16, 17, 63, 64, 65, 100, 257, 1000, 4095, 4097, 65537])
@@ -46,7 +46,7 @@ def test_large_range_without_materialising():
     x = np.arange(10**12 - 1000, 10**12)
     y = permute(x, n, derive_key(3, 0))
     assert ((0 <= y) & (y < n)).all() and np.unique(y).size == 1000
-    assert half_bits(n) == 20
+    assert range_bits(n) == 40
 
 
 def test_out_of_range_is_refused():

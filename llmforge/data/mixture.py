@@ -112,11 +112,26 @@ class Segment:
             raise ValueError(f"position {int(local.min()) + self.start} precedes the segment at {self.start}")
         blocks, slots = np.divmod(local, big_b)
         uniq, inverse = np.unique(blocks, return_inverse=True)
-        sources, ranks = self.blocks(uniq)
+        sources, ranks = self.cached_blocks(uniq)
         lo = apportion(uniq * big_b, w)
         source = sources[inverse, slots]
         before = np.asarray(self.offsets, dtype=np.int64)[source] + lo[inverse, source]
         return source, before + ranks[inverse, slots]
+
+    def cached_blocks(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`blocks`, remembering the last few (consecutive batches share a block)."""
+        if blocks.size > 4:  # a large request (a benchmark, inspect): no caching
+            return self.blocks(blocks)
+        cache = self.__dict__.setdefault("_blocks", {})
+        todo = np.array([b for b in blocks.tolist() if b not in cache], dtype=np.int64)
+        if len(cache) + todo.size > 8:
+            cache.clear()
+            todo = blocks
+        if todo.size:
+            for b, src, rank in zip(todo.tolist(), *self.blocks(todo), strict=True):
+                cache[b] = (src, rank)
+        found = [cache[b] for b in blocks.tolist()]
+        return np.stack([f[0] for f in found]), np.stack([f[1] for f in found])
 
     def blocks(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For whole blocks: (U, B) source of each slot, and its rank among the block's slots of that

@@ -1,12 +1,12 @@
 """A seeded permutation of [0, n) in O(1) memory: a Feistel network with cycle-walking.
 
 ``permute(x, n, key)`` maps positions to a shuffled order without ever materialising the order: each
-position is encrypted by a balanced Feistel network over ``2 * h`` bits (the smallest even bit count
-whose range covers n), and a value that falls outside [0, n) is encrypted again until it lands inside
-(cycle-walking). A Feistel network is a bijection on its ``2^(2h)`` values whatever its round function, and
-cycle-walking restricts a bijection of a larger range to a bijection of [0, n), so ``permute(., n, key)`` is
-a permutation of [0, n) for every key. The range is at most 4n, so a value needs about 4 encryptions at
-worst on average.
+position is encrypted by a Feistel network over k bits (the smallest power of two 2^k >= n; the halves
+are k - k//2 and k//2 bits, their widths alternating from round to round), and a value that falls outside
+[0, n) is encrypted again until it lands inside (cycle-walking). A Feistel network is a bijection on its
+2^k values whatever its round function, and cycle-walking restricts a bijection of a larger range to a
+bijection of [0, n), so ``permute(., n, key)`` is a permutation of [0, n) for every key. The range is
+below 2n, so a value needs fewer than 2 encryptions on average.
 
 The round function is SplitMix64's finaliser (a strong 64-bit mixer) of the right half and a round key;
 keys are derived from the caller's 64-bit key, so a sampler keys each epoch with ``mix(seed, epoch)``.
@@ -54,25 +54,26 @@ def derive_key(*parts: int | np.ndarray) -> np.uint64 | np.ndarray:
     return h if h.ndim else np.uint64(h[()])
 
 
-def half_bits(n: int) -> int:
-    """h such that the Feistel range 2^(2h) is the smallest even power of two >= n (at least 4)."""
-    bits = max(2, int(n - 1).bit_length())
-    return (bits + 1) // 2
+def range_bits(n: int) -> int:
+    """k such that the Feistel range 2^k is the smallest power of two >= n (at least 4)."""
+    return max(2, int(n - 1).bit_length())
 
 
-def _encrypt(x: np.ndarray, keys: np.ndarray, h: int) -> np.ndarray:
-    mask = np.uint64((1 << h) - 1)
-    shift = np.uint64(h)
-    left, right = x >> shift, x & mask
+def _encrypt(x: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """An unbalanced Feistel network on k-bit values: halves of a and b = k - a bits; each round XORs
+    a mix of the right half into the left one and swaps them (so the widths alternate); a bijection."""
+    a, b = k - k // 2, k // 2
     for r in range(ROUNDS):
+        left, right = x >> np.uint64(b), x & np.uint64((1 << b) - 1)
         f = right ^ keys
         if r:
             f += _ROUND_KEYS[r]  # 1-d arrays: wrapping, no warning
         _mix_inplace(f)
-        f &= mask
+        f &= np.uint64((1 << a) - 1)
         f ^= left
-        left, right = right, f
-    return (left << shift) | right
+        x = (right << np.uint64(a)) | f
+        a, b = b, a
+    return x
 
 
 def permute(x: np.ndarray | int, n: int, key: np.ndarray | int) -> np.ndarray:
@@ -86,10 +87,10 @@ def permute(x: np.ndarray | int, n: int, key: np.ndarray | int) -> np.ndarray:
     if x.size and int(x.max()) >= n:
         raise ValueError(f"position {int(x.max())} outside [0, {n})")
     keys = np.broadcast_to(np.asarray(key, dtype=np.uint64), shape).reshape(-1)
-    h = half_bits(n)
-    out = _encrypt(x, keys, h)
+    k = range_bits(n)
+    out = _encrypt(x, keys, k)
     todo = np.nonzero(out >= np.uint64(n))[0]
     while todo.size:  # cycle-walking: re-encrypt until the value is inside [0, n)
-        out[todo] = _encrypt(out[todo], keys[todo], h)
+        out[todo] = _encrypt(out[todo], keys[todo], k)
         todo = todo[out[todo] >= np.uint64(n)]
     return out.astype(np.int64).reshape(shape)
