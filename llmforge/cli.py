@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("llmforge.evaluate", "loss, perplexity and bits per byte on a split"),
     "export": ("llmforge.export", "a checkpoint as a Hugging Face directory"),
     "consolidate": ("llmforge.consolidate", "a sharded (FSDP) checkpoint as one file"),
+    "tokenizer": ("llmforge.tokenizer", "one tokenizer trained on several prepared datasets (a mixture)"),
+    "inspect": ("llmforge.inspect", "the documents every window of a training step came from"),
 }
 
 

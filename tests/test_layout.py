@@ -23,6 +23,7 @@ ENTRY_POINTS = (
     "llmforge.export",
     "llmforge.consolidate",
     "llmforge.inspect",
+    "llmforge.tokenizer",
     "llmforge.cli",
 )
 MAX_ENTRY_POINT_LINES = 120

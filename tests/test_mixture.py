@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from llmforge.curves import read_scalars
 from llmforge.data.mixture import MixtureSampler, Segment, apportion, draws_at, normalise, open_sources
-from llmforge.plot import read_scalars
 from llmforge.training import run
 from tests.conftest import compose_train, mixture_overrides
 
@@ -172,7 +172,7 @@ def test_mixture_run_validates_per_source_and_resumes_with_changed_weights(tiny_
     for name in ("web", "code"):
         tags = {f"val/{name}/loss", f"val/{name}/bpb", f"data/{name}/epoch", f"data/{name}/tokens"}
         assert tags <= set(scalars)
-    from llmforge.plot import figure, plot, source_panels
+    from llmforge.curves import figure, plot, source_panels
 
     titles = [title for title, *_ in source_panels(scalars)]
     assert titles == ["val loss per source", "val bits per byte", "epochs per source"]
