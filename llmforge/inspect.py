@@ -13,21 +13,21 @@ import json
 import sys
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, required=True, help="optimizer step (0-based, as TensorBoard's axis)")
     p.add_argument("--sample", type=int, default=None, help="only the I-th window of the step on each rank")
     p.add_argument("--chars", type=int, default=120, help="excerpt length (0: none)")
     p.add_argument("--json", action="store_true", help="one JSON object per window")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from llmforge.data.lineage import inspect_step
 
     try:
         windows = inspect_step(args.run_dir, args.step, args.sample, args.chars)
     except (ValueError, FileNotFoundError, KeyError, IndexError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     for w in windows:
         if args.json:
             print(json.dumps(w, ensure_ascii=False))
@@ -40,7 +40,8 @@ def main() -> None:
             print(f"    doc {d['ordinal']} tokens {span}  id {d.get('id')}  {where}")
             if d.get("excerpt"):
                 print(f"        {d['excerpt']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

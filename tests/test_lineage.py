@@ -58,7 +58,7 @@ def first_garbage_step(planted: dict[str, Path]) -> tuple[int, int]:
     raise AssertionError("no seed puts the garbage after the warm-up")
 
 
-def test_spike_on_a_planted_document_names_it(planted, tmp_path):
+def test_spike_on_a_planted_document_names_it(planted, tmp_path, capsys):
     seed, step = first_garbage_step(planted)
     run_dir = tmp_path / "run"
     overrides = [
@@ -87,7 +87,11 @@ def test_spike_on_a_planted_document_names_it(planted, tmp_path):
     assert hit and hit[0]["id"] == named[0]["id"] and hit[0]["excerpt"]
     cli = run_cli("llmforge.inspect", str(run_dir), "--step", str(step), cwd=tmp_path)
     assert cli.returncode == 0 and GARBAGE_URL in cli.stdout and named[0]["id"] in cli.stdout, cli.stderr
-    one = run_cli(
-        "llmforge.inspect", str(run_dir), "--step", str(step), "--sample", "0", "--json", cwd=tmp_path
-    )
-    assert one.returncode == 0 and json.loads(one.stdout.splitlines()[0])["index"] == int(trained[0])
+    # --sample and --json in this process (a second interpreter would cost ~5 s of imports)
+    from llmforge.inspect import main as inspect_main
+
+    capsys.readouterr()  # drop the training run's output
+    assert inspect_main([str(run_dir), "--step", str(step), "--sample", "0", "--json"]) == 0
+    one = capsys.readouterr().out.splitlines()
+    assert len(one) == 1 and json.loads(one[0])["index"] == int(trained[0])
+    assert inspect_main([str(run_dir), "--step", str(step), "--sample", "99"]) == 2  # no such window
