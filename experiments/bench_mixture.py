@@ -46,8 +46,10 @@ def shares() -> list[str]:
         dev = float(np.abs(real - normalise(weights)).max() * 100)
         counts = np.bincount(source, minlength=len(sizes))
         epochs = [f"{d / s:.3g}" for d, s in zip(counts, sizes, strict=True)]
-        rows.append(f"sizes {sizes} weights {weights}: realised {np.round(real, 5).tolist()} "
-                    f"max deviation {dev:.4f} points; epochs {epochs}")
+        rows.append(
+            f"sizes {sizes} weights {weights}: realised {np.round(real, 5).tolist()} "
+            f"max deviation {dev:.4f} points; epochs {epochs}"
+        )
     return rows
 
 
@@ -70,17 +72,33 @@ def single_dataset(sources: list[Path], out: Path) -> Path:
                 else:
                     writer.add(doc[:-1])  # the writer appends EOS again
         splits[split] = writer.summary()
-    write_manifest(out, vocab_size=manifest["vocab_size"], special_tokens=manifest["special_tokens"],
-                   tokenizer_sha256=manifest["tokenizer_sha256"], splits=splits)
+    write_manifest(
+        out,
+        vocab_size=manifest["vocab_size"],
+        special_tokens=manifest["special_tokens"],
+        tokenizer_sha256=manifest["tokenizer_sha256"],
+        splits=splits,
+    )
     return out
 
 
 def train(data_args: list[str], run_dir: Path, args) -> float:
-    cmd = [sys.executable, "-m", "llmforge.train", f"model={args.model}", *data_args, f"run_dir={run_dir}",
-           f"data.seq_len={args.seq_len}", f"data.batch_size={args.batch_size}",
-           f"trainer.max_steps={args.steps}",
-           "trainer.val_check_interval=100000", "trainer.enable_progress_bar=false", "logger=none",
-           "trainer.ckpt_every_n_steps=100000", "callbacks.guard.save_initial=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmforge.train",
+        f"model={args.model}",
+        *data_args,
+        f"run_dir={run_dir}",
+        f"data.seq_len={args.seq_len}",
+        f"data.batch_size={args.batch_size}",
+        f"trainer.max_steps={args.steps}",
+        "trainer.val_check_interval=100000",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        "trainer.ckpt_every_n_steps=100000",
+        "callbacks.guard.save_initial=false",
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True)
     return json.loads((run_dir / "perf.json").read_text())["tokens_per_s"]
 
@@ -116,39 +134,58 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-mixture-"))
     single = single_dataset([Path(args.web), Path(args.code)], tmp / "single")
-    mixture = ["data=mixture", f"data.sources.web.path={args.web}", "data.sources.web.weight=0.7",
-               f"data.sources.code.path={args.code}", "data.sources.code.weight=0.3"]
+    mixture = [
+        "data=mixture",
+        f"data.sources.web.path={args.web}",
+        "data.sources.web.weight=0.7",
+        f"data.sources.code.path={args.code}",
+        "data.sources.code.weight=0.3",
+    ]
     plain = [f"data.path={single}"]
 
     from functools import partial
 
     collate = partial(clm_collate, pad_id=0)
     dm_single = ShardDataModule(str(single), args.seq_len, args.batch_size, collate)
-    dm_mix = ShardDataModule(None, args.seq_len, args.batch_size, collate, sources={
-        "web": {"path": args.web, "weight": 0.7}, "code": {"path": args.code, "weight": 0.3}})
-    tokens = (dm_single.manifest["splits"]["train"]["tokens"],
-              sum(s.manifest["splits"]["train"]["tokens"] for s in dm_mix.sources))
+    dm_mix = ShardDataModule(
+        None,
+        args.seq_len,
+        args.batch_size,
+        collate,
+        sources={"web": {"path": args.web, "weight": 0.7}, "code": {"path": args.code, "weight": 0.3}},
+    )
+    tokens = (
+        dm_single.manifest["splits"]["train"]["tokens"],
+        sum(s.manifest["splits"]["train"]["tokens"] for s in dm_mix.sources),
+    )
     print(f"(b) train tokens: single {tokens[0]:,}, mixture {tokens[1]:,}")
     rates = {"single": [], "mixture": []}
     for _ in range(args.rounds):
         rates["single"].append(loader_rate(dm_single, args.loader_batches))
         rates["mixture"].append(loader_rate(dm_mix, args.loader_batches))
     s, m = statistics.median(rates["single"]), statistics.median(rates["mixture"])
-    print(f"    data path alone (sampler + read + collate), windows/s: single {s:,.0f}, mixture {m:,.0f}, "
-          f"ratio {m / s:.3f}")
+    print(
+        f"    data path alone (sampler + read + collate), windows/s: single {s:,.0f}, mixture {m:,.0f}, "
+        f"ratio {m / s:.3f}"
+    )
 
     speeds = {"single": [], "mixture": []}
     for r in range(args.rounds):
-        for name, data in (("single", plain), ("mixture", mixture)) if r % 2 == 0 else (
-                ("mixture", mixture), ("single", plain)):
+        for name, data in (
+            (("single", plain), ("mixture", mixture))
+            if r % 2 == 0
+            else (("mixture", mixture), ("single", plain))
+        ):
             speeds[name].append(train(data, tmp / f"{name}-{r}", args))
         last = {k: v[-1] for k, v in speeds.items()}
         print(f"    round {r}: single {last['single']:.0f}, mixture {last['mixture']:.0f} tokens/s")
     s, m = statistics.median(speeds["single"]), statistics.median(speeds["mixture"])
     paired = statistics.median(b / a for a, b in zip(speeds["single"], speeds["mixture"], strict=True))
     shape = f"{args.model}, batch {args.batch_size} x {args.seq_len}, {args.steps} steps"
-    print(f"    training tokens/s ({shape}, median of {args.rounds}): single {s:.0f}, mixture {m:.0f}, "
-          f"ratio {m / s:.3f} (paired {paired:.3f})")
+    print(
+        f"    training tokens/s ({shape}, median of {args.rounds}): single {s:.0f}, mixture {m:.0f}, "
+        f"ratio {m / s:.3f} (paired {paired:.3f})"
+    )
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -63,8 +63,15 @@ def case(name: str, n: int, draws: int) -> dict:
     else:
         raise ValueError(name)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {"case": name, "n": n, "draws": total, "seconds": seconds, "per_s": total / seconds,
-            "per_cpu_s": total / cpu, "rss_mib": rss_mib() - base}
+    return {
+        "case": name,
+        "n": n,
+        "draws": total,
+        "seconds": seconds,
+        "per_s": total / seconds,
+        "per_cpu_s": total / cpu,
+        "rss_mib": rss_mib() - base,
+    }
 
 
 def main() -> None:
@@ -79,24 +86,37 @@ def main() -> None:
         print(json.dumps(case(args.case, n, draws)))
         return
     rows = []
-    for name, size in (("feistel-batched", n), ("feistel-iter", n), ("mixture", n),
-                       ("numpy-permutation", int(args.numpy_n))):
+    for name, size in (
+        ("feistel-batched", n),
+        ("feistel-iter", n),
+        ("mixture", n),
+        ("numpy-permutation", int(args.numpy_n)),
+    ):
         out = subprocess.run(
             [sys.executable, __file__, "--case", name, "--n", str(size), "--draws", str(draws)],
-            capture_output=True, text=True, check=True, cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"{'case':<20} {'windows':>12} {'draws':>9} {'indices/s':>12} {'per CPU s':>12} {'RSS MiB':>8}")
     for r in rows:
-        print(f"{r['case']:<20} {r['n']:>12.3g} {r['draws']:>9} {r['per_s']:>12,.0f} "
-              f"{r['per_cpu_s']:>12,.0f} {r['rss_mib']:>8.1f}")
+        print(
+            f"{r['case']:<20} {r['n']:>12.3g} {r['draws']:>9} {r['per_s']:>12,.0f} "
+            f"{r['per_cpu_s']:>12,.0f} {r['rss_mib']:>8.1f}"
+        )
     numpy = rows[-1]
-    print(f"numpy permutation at n={n:.3g} would hold {8 * n / 2**20:,.0f} MiB per rank per epoch "
-          f"(measured {numpy['rss_mib']:.0f} MiB at n={numpy['n']:.3g})")
+    print(
+        f"numpy permutation at n={n:.3g} would hold {8 * n / 2**20:,.0f} MiB per rank per epoch "
+        f"(measured {numpy['rss_mib']:.0f} MiB at n={numpy['n']:.3g})"
+    )
     for r in rows[:3]:
-        print(f"{r['case']}: RSS {r['rss_mib']:.1f} MiB (target < 50), {r['per_s']:.3g} indices/s wall, "
-              f"{r['per_cpu_s']:.3g} per CPU second (target >= 1e6), "
-              f"vs numpy permutation + lookups {r['per_cpu_s'] / numpy['per_cpu_s']:.2f}x (CPU time)")
+        print(
+            f"{r['case']}: RSS {r['rss_mib']:.1f} MiB (target < 50), {r['per_s']:.3g} indices/s wall, "
+            f"{r['per_cpu_s']:.3g} per CPU second (target >= 1e6), "
+            f"vs numpy permutation + lookups {r['per_cpu_s'] / numpy['per_cpu_s']:.2f}x (CPU time)"
+        )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(w, ensure_ascii=False))
             continue
-        print(f"step {w['step']} rank {w['rank']} sample {w['sample']}: source {w['source']} "
-              f"window {w['window']} (index {w['index']})")
+        print(
+            f"step {w['step']} rank {w['rank']} sample {w['sample']}: source {w['source']} "
+            f"window {w['window']} (index {w['index']})"
+        )
         for d in w["documents"]:
             where = d.get("url") or ":".join(str(d[k]) for k in ("file", "line") if k in d)
             span = f"{d['tokens'][0]}-{d['tokens'][1]}"

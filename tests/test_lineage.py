@@ -26,8 +26,10 @@ def planted(tmp_path_factory) -> dict[str, Path]:
     from llmforge.prep.tokenizer import train_bpe
     from llmforge.prep.writers import is_validation, write_token_dataset
 
-    web = [(f"w{i}", "the cat sat on the mat. " * 6, {"id": f"w{i}", "url": f"https://ok.example/{i}"})
-           for i in range(100)]
+    web = [
+        (f"w{i}", "the cat sat on the mat. " * 6, {"id": f"w{i}", "url": f"https://ok.example/{i}"})
+        for i in range(100)
+    ]
     rng = random.Random(0)
     junk = "".join(rng.choice("qxzjkvwbfgpy#@%&0123456789") for _ in range(60))
     junk_id = next(f"junk-{k}" for k in range(100) if not is_validation(f"junk-{k}", junk, 0.1))
@@ -45,8 +47,11 @@ def first_garbage_step(planted: dict[str, Path]) -> tuple[int, int]:
     specs = {name: {"path": str(planted[name]), "weight": w} for name, w in (("web", 0.7), ("code", 0.3))}
     sources = open_sources(specs, SEQ)
     lineage = Lineage([(s.name, s.path) for s in sources], SEQ)
-    bad = [i for i in range(int(lineage.bases[-1]))
-           if any(d.get("url") == GARBAGE_URL for d in lineage.describe(i, 0)["documents"])]
+    bad = [
+        i
+        for i in range(int(lineage.bases[-1]))
+        if any(d.get("url") == GARBAGE_URL for d in lineage.describe(i, 0)["documents"])
+    ]
     assert bad, "the garbage document should be in the train split"
     sizes, weights = [len(s.train) for s in sources], [s.weight for s in sources]
     names = [s.name for s in sources]
@@ -62,13 +67,22 @@ def test_spike_on_a_planted_document_names_it(planted, tmp_path, capsys):
     seed, step = first_garbage_step(planted)
     run_dir = tmp_path / "run"
     overrides = [
-        f"run_dir={run_dir}", "model=tiny", f"data.seq_len={SEQ}", "data.batch_size=2", f"data.seed={seed}",
-        "trainer.enable_progress_bar=false", f"trainer.max_steps={step + 1}",
+        f"run_dir={run_dir}",
+        "model=tiny",
+        f"data.seq_len={SEQ}",
+        "data.batch_size=2",
+        f"data.seed={seed}",
+        "trainer.enable_progress_bar=false",
+        f"trainer.max_steps={step + 1}",
         "trainer.val_check_interval=1000",
-        "optim.lr=1e-2", "optim.warmup_steps=3",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=3",
         # a spike: the step's loss over twice the mean of the last 5 (the repetitive text is learnt fast)
-        "callbacks.guard.warmup=5", "callbacks.guard.window=5", "callbacks.guard.zscore=null",
-        "callbacks.guard.factor=2.0", "+callbacks.samples._target_=llmforge.callbacks.SampleIndexRecorder",
+        "callbacks.guard.warmup=5",
+        "callbacks.guard.window=5",
+        "callbacks.guard.zscore=null",
+        "callbacks.guard.factor=2.0",
+        "+callbacks.samples._target_=llmforge.callbacks.SampleIndexRecorder",
     ]
     result = run(compose_train(mixture_overrides(planted) + overrides))
     assert result.global_step == step + 1

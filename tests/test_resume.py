@@ -152,8 +152,10 @@ def stream(data: list[str], batch_size: int, n: int) -> list[int]:
         windows = PackedWindows(ShardSet.open(data[0].split("=", 1)[1], "train"), 32)
         return GlobalCursorSampler(len(windows), batch_size, seed=1234).orders(np.arange(n)).tolist()
     paths = dict(arg.split("=", 1) for arg in data[1:])
-    specs = {k: {"path": paths[f"data.sources.{k}.path"], "weight": float(paths[f"data.sources.{k}.weight"])}
-             for k in ("web", "code")}
+    specs = {
+        k: {"path": paths[f"data.sources.{k}.path"], "weight": float(paths[f"data.sources.{k}.weight"])}
+        for k in ("web", "code")
+    }
     sources = open_sources(specs, 32)
     sizes, weights = [len(s.train) for s in sources], [s.weight for s in sources]
     sampler = MixtureSampler(sizes, weights, batch_size, seed=1234, names=[s.name for s in sources])

@@ -30,8 +30,13 @@ def test_jsonl_pipeline_reused_tokenizer_and_lineage(tmp_path):
     src.write_text("\n".join(jsonl_lines()) + "\n")
     common = ["progress=false", "tokenizer.vocab_size=400", "tokenizer.num_sentinels=4", "val_fraction=0.2"]
     first = run_cli(
-        "llmforge.prepare", "pipeline=jsonl", f"input={src}", f"output_dir={tmp_path / 'a'}", *common,
-        cwd=tmp_path, timeout=300,
+        "llmforge.prepare",
+        "pipeline=jsonl",
+        f"input={src}",
+        f"output_dir={tmp_path / 'a'}",
+        *common,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert first.returncode == 0, first.stderr[-2000:]
     stats = json.loads((tmp_path / "a" / "stats.json").read_text())["totals"]["reader"]
@@ -60,8 +65,14 @@ def test_jsonl_pipeline_reused_tokenizer_and_lineage(tmp_path):
         rng = random.Random(100 + i)
         (tmp_path / "txt" / f"{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(100)))
     second = run_cli(
-        "llmforge.prepare", "pipeline=text", f"input={tmp_path}/txt/*.txt", f"output_dir={tmp_path / 'b'}",
-        *common, f"tokenizer.path={tmp_path / 'a'}", cwd=tmp_path, timeout=300,
+        "llmforge.prepare",
+        "pipeline=text",
+        f"input={tmp_path}/txt/*.txt",
+        f"output_dir={tmp_path / 'b'}",
+        *common,
+        f"tokenizer.path={tmp_path / 'a'}",
+        cwd=tmp_path,
+        timeout=300,
     )
     assert second.returncode == 0, second.stderr[-2000:]
     reused = json.loads((tmp_path / "b" / "manifest.json").read_text())
@@ -70,15 +81,31 @@ def test_jsonl_pipeline_reused_tokenizer_and_lineage(tmp_path):
     assert (tmp_path / "b/tokenizer.json").read_bytes() == (tmp_path / "a/tokenizer.json").read_bytes()
 
     bad = run_cli(
-        "llmforge.prepare", "pipeline=text", f"input={tmp_path}/txt/*.txt", f"output_dir={tmp_path / 'c'}",
-        *common, f"tokenizer.path={tmp_path / 'nowhere'}", cwd=tmp_path, timeout=300,
+        "llmforge.prepare",
+        "pipeline=text",
+        f"input={tmp_path}/txt/*.txt",
+        f"output_dir={tmp_path / 'c'}",
+        *common,
+        f"tokenizer.path={tmp_path / 'nowhere'}",
+        cwd=tmp_path,
+        timeout=300,
     )
     assert bad.returncode == 2 and "tokenizer.path=" in bad.stderr
 
     # one tokenizer trained on both datasets, weighted
     shared = run_cli(
-        "llmforge.tokenizer", str(tmp_path / "tok"), f"{tmp_path / 'a'}=0.7", f"{tmp_path / 'b'}=0.3",
-        "--vocab-size", "380", "--num-sentinels", "4", "--sample-chars", "20000", cwd=tmp_path, timeout=300,
+        "llmforge.tokenizer",
+        str(tmp_path / "tok"),
+        f"{tmp_path / 'a'}=0.7",
+        f"{tmp_path / 'b'}=0.3",
+        "--vocab-size",
+        "380",
+        "--num-sentinels",
+        "4",
+        "--sample-chars",
+        "20000",
+        cwd=tmp_path,
+        timeout=300,
     )
     assert shared.returncode == 0, shared.stderr[-2000:]
     from llmforge.prep.tokenizer import load, special_token_ids

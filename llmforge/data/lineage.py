@@ -105,8 +105,12 @@ class Lineage:
         s = int(np.searchsorted(self.bases, index, side="right")) - 1
         window = int(index - self.bases[s])
         source = self.sources[s]
-        return {"index": int(index), "source": source.name, "window": window,
-                "documents": source.window_documents(window, excerpt_chars)}
+        return {
+            "index": int(index),
+            "source": source.name,
+            "window": window,
+            "documents": source.window_documents(window, excerpt_chars),
+        }
 
 
 # -- which windows a step trained on ---------------------------------------------------------------------
@@ -160,8 +164,15 @@ def step_windows(dm, phase: dict, step: int) -> list[list[int]]:
     cursor = phase["cursor"] + (step - phase["step"]) * batch * world * accumulate
     if dm.sources:
         segments = [Segment.from_dict(d) for d in phase["segments"]] or None
-        sampler = MixtureSampler([len(s.train) for s in dm.sources], [s.weight for s in dm.sources], batch,
-                                 seed=dm.seed, shuffle=dm.shuffle, names=dm.source_names, segments=segments)
+        sampler = MixtureSampler(
+            [len(s.train) for s in dm.sources],
+            [s.weight for s in dm.sources],
+            batch,
+            seed=dm.seed,
+            shuffle=dm.shuffle,
+            names=dm.source_names,
+            segments=segments,
+        )
     else:
         sampler = dm.sampler()
     out = []

@@ -95,13 +95,23 @@ class Segment:
     seed: int
 
     def to_dict(self) -> dict:
-        return {"start": self.start, "names": self.names, "weights": self.weights, "offsets": self.offsets,
-                "seed": self.seed}
+        return {
+            "start": self.start,
+            "names": self.names,
+            "weights": self.weights,
+            "offsets": self.offsets,
+            "seed": self.seed,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Segment:
-        return cls(int(d["start"]), list(d["names"]), [float(w) for w in d["weights"]],
-                   [int(o) for o in d["offsets"]], int(d["seed"]))
+        return cls(
+            int(d["start"]),
+            list(d["names"]),
+            [float(w) for w in d["weights"]],
+            [int(o) for o in d["offsets"]],
+            int(d["seed"]),
+        )
 
     def assign(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source number in ``names``, draw number within that source) of global positions >= start."""
@@ -199,9 +209,11 @@ class MixtureSampler(Sampler[int]):
         self.bases = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.start = seed, shuffle, start
-        self.segments = list(segments) if segments else [
-            Segment(0, self.names, normalise(weights).tolist(), [0] * len(self.names), seed)
-        ]
+        self.segments = (
+            list(segments)
+            if segments
+            else [Segment(0, self.names, normalise(weights).tolist(), [0] * len(self.names), seed)]
+        )
         self.source_seeds = [source_seed(seed, n) for n in self.names]
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -314,14 +326,17 @@ def open_sources(
         manifest = read_manifest(path)
         train = PackedWindows(ShardSet.open(path, "train"), seq_len)
         if len(train) == 0:
-            raise ValueError(f"{key} ({path}): the train split is empty (shorter than one window of "
-                             f"{seq_len + 1} tokens)")
+            raise ValueError(
+                f"{key} ({path}): the train split is empty (shorter than one window of {seq_len + 1} tokens)"
+            )
         val = None
         if val_split in manifest["splits"]:
             val = PackedWindows(ShardSet.open(path, val_split), seq_len)
         if val is None or len(val) == 0:
-            raise ValueError(f"{key} ({path}): the {val_split} split is empty; re-prepare it with a larger "
-                             "val_fraction (every source is validated on its own)")
+            raise ValueError(
+                f"{key} ({path}): the {val_split} split is empty; re-prepare it with a larger "
+                "val_fraction (every source is validated on its own)"
+            )
         opened.append((name, path, float(weight), manifest, train, val))
     first_name, first = opened[0][0], opened[0][3]
     for name, _, _, manifest, _, _ in opened[1:]:
@@ -360,8 +375,11 @@ class MixtureMonitor(L.Callback):
         out = {}
         for s in datamodule.sources:
             windows = done.get(s.name, 0)
-            out[s.name] = {"windows": windows, "epochs": windows / len(s.train),
-                           "tokens": windows * datamodule.seq_len}
+            out[s.name] = {
+                "windows": windows,
+                "epochs": windows / len(s.train),
+                "tokens": windows * datamodule.seq_len,
+            }
         return out
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

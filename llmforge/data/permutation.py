@@ -47,8 +47,10 @@ def derive_key(*parts: int | np.ndarray) -> np.uint64 | np.ndarray:
     h: np.ndarray = np.asarray(np.uint64(0x243F6A8885A308D3))
     with np.errstate(over="ignore"):
         for p in parts:
-            word = np.asarray(p).astype(np.int64).astype(np.uint64) if np.ndim(p) else np.uint64(
-                int(p) & 0xFFFFFFFFFFFFFFFF
+            word = (
+                np.asarray(p).astype(np.int64).astype(np.uint64)
+                if np.ndim(p)
+                else np.uint64(int(p) & 0xFFFFFFFFFFFFFFFF)
             )
             h = mix64(h ^ (word + _GOLDEN))
     return h if h.ndim else np.uint64(h[()])

@@ -176,8 +176,9 @@ class PretrainModule(L.LightningModule):
         the sources' losses weighted by their training weights (of the sources validated)."""
         total, weights = pooled.new_zeros(()), 0.0
         for name, weight in self.val_sources.items():
-            nats, tokens, nbytes = (m[name].compute() for m in (self.source_nats, self.source_tokens,
-                                                                self.source_bytes))
+            nats, tokens, nbytes = (
+                m[name].compute() for m in (self.source_nats, self.source_tokens, self.source_bytes)
+            )
             for m in (self.source_nats, self.source_tokens, self.source_bytes):
                 m[name].reset()
             if tokens <= 0:

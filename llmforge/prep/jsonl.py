@@ -58,9 +58,11 @@ def read_jsonl(
                 yield Document(text, doc_id, meta)
     finally:
         if stats is not None:
-            stats.update({
-                "records": records,
-                "documents": documents,
-                "bytes_read": path.stat().st_size,
-                "skipped": dict(sorted(skipped.items())),
-            })
+            stats.update(
+                {
+                    "records": records,
+                    "documents": documents,
+                    "bytes_read": path.stat().st_size,
+                    "skipped": dict(sorted(skipped.items())),
+                }
+            )

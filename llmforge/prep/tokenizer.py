@@ -65,9 +65,7 @@ def load(path: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-def mixture_sample(
-    datasets: dict[str, float], sample_chars: int, seed: int = 0
-) -> Iterator[str]:
+def mixture_sample(datasets: dict[str, float], sample_chars: int, seed: int = 0) -> Iterator[str]:
     """Texts of the train documents of several prepared datasets, each dataset contributing its share of
     ``sample_chars`` characters (its weight over the sum): documents in a seeded random order (a Feistel
     permutation of each dataset's document ordinals), decoded from the token shards with the dataset's own
