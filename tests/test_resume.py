@@ -167,9 +167,17 @@ def batches(run_dir: Path, rank: int) -> list[list[int]]:
     return [list(map(int, line.split())) for line in lines]
 
 
-@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
-def test_elastic_resume_continues_the_sample_stream(tmp_path, data, before, after):
-    """3 steps on `before` processes, then 3 more on `after` (DDP on gloo when 2), batch 2 per process."""
+@pytest.mark.parametrize(
+    ("kind", "worlds"),
+    [("single", (2, 1)), ("single", (1, 2)), ("mixture", (1, 2, 1))],  # the mixture: both changes, one run
+)
+def test_elastic_resume_continues_the_sample_stream(tmp_path, request, kind, worlds):
+    """3 steps on worlds[0] processes, then 3 more on each next world size (DDP on gloo when 2), resuming
+    each time; batch 2 per process."""
+    if kind == "single":
+        data = [f"data.path={request.getfixturevalue('tiny_data')}"]
+    else:
+        data = mixture_overrides(request.getfixturevalue("tiny_mixture"))
 
     def launch(devices: int, max_steps: int, *extra: str) -> None:
         strategy = ("strategy=ddp", "hardware.devices=2") if devices == 2 else ("strategy=auto",)
@@ -186,23 +194,23 @@ def test_elastic_resume_continues_the_sample_stream(tmp_path, data, before, afte
         proc = run_cli("llmforge.train", *args, cwd=tmp_path, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
-    launch(before, 3)
-    launch(after, 6, "resume=auto")
+    steps = 3
+    for i, world in enumerate(worlds):
+        launch(world, steps * (i + 1), *(("resume=auto",) if i else ()))
     run_dir = tmp_path / "runs" / "elastic"
-    # what each rank trained on, step by step: the first run's steps, then the resumed run's
-    rank0, rank1 = batches(run_dir, 0), batches(run_dir, 1)
-    assert len(rank0) == 6 and len(rank1) == 3
-    first = [rank0[:3], rank1] if before == 2 else [rank0[:3]]
-    second = [rank0[3:], rank1] if after == 2 else [rank0[3:]]
-    consumed = [
-        sample
-        for phase in (first, second)
-        for step in range(3)
-        for rank_batches in phase
-        for sample in rank_batches[step]
-    ]
-    total = 3 * 2 * before + 3 * 2 * after
+    # what each rank trained on, step by step (each rank's file appends across restarts)
+    recorded = {r: batches(run_dir, r) for r in range(max(worlds))}
+    taken = dict.fromkeys(recorded, 0)
+    consumed = []
+    for world in worlds:
+        for step in range(steps):
+            for r in range(world):
+                consumed += recorded[r][taken[r] + step]
+        for r in range(world):
+            taken[r] += steps
+    assert all(taken[r] == len(recorded[r]) for r in recorded)
+    total = sum(steps * 2 * world for world in worlds)
     assert consumed == stream(data, 2, total)  # in order, none repeated, none skipped
     assert len(set(consumed)) == total
     ck = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ck["global_step"] == 6 and ck["ShardDataModule"]["cursor"] == total
+    assert ck["global_step"] == steps * len(worlds) and ck["ShardDataModule"]["cursor"] == total
