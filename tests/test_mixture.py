@@ -52,7 +52,8 @@ def test_each_source_draws_in_epochs():
             assert d.size < n and np.unique(w).size == w.size  # within its first epoch: no repeat
 
 
-def test_pure_function_of_position_and_ranks_slice_the_global_stream():
+def test_pure_function_of_position_and_ranks_slice_the_global_stream(monkeypatch):
+    monkeypatch.setattr("llmforge.data.dataset.LOOKAHEAD", 24)  # ranks look ahead 2 batches: chunks join
     sizes, weights = [300, 200], [0.6, 0.4]
     one = MixtureSampler(sizes, weights, 1, seed=9)
     reference = list(islice(iter(one), 600))

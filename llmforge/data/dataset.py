@@ -15,7 +15,7 @@ ranks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from torch.utils.data import Dataset, Sampler
@@ -94,12 +94,25 @@ class GlobalCursorSampler(Sampler[int]):
         return int(self.orders(np.array([position]))[0])
 
     def __iter__(self) -> Iterator[int]:
-        global_batch = self.batch_size * self.world_size
-        position = self.start
-        while True:
-            first = position + self.rank * self.batch_size
-            yield from self.orders(np.arange(first, first + self.batch_size)).tolist()
-            position += global_batch
+        return rank_stream(self.orders, self.start, self.rank, self.batch_size, self.world_size)
+
+
+LOOKAHEAD = 4096  # global positions whose samples a sampler computes per vectorised call
+
+
+def rank_stream(
+    orders: Callable[[np.ndarray], np.ndarray], start: int, rank: int, batch_size: int, world_size: int
+) -> Iterator[int]:
+    """The samples of one rank from global position ``start`` on: its ``batch_size`` positions of every
+    global batch, computed ``LOOKAHEAD`` global positions at a time (the samples are a pure function of the
+    position, so looking ahead changes nothing; per batch, numpy's call overhead would dominate)."""
+    global_batch = batch_size * world_size
+    batches = max(1, LOOKAHEAD // global_batch)
+    offsets = (np.arange(batches)[:, None] * global_batch + np.arange(batch_size)[None, :]).ravel()
+    position = start + rank * batch_size
+    while True:
+        yield from orders(position + offsets).tolist()
+        position += batches * global_batch
 
 
 def epoch_order(positions: np.ndarray, n: int, seed: int, shuffle: bool = True) -> np.ndarray:

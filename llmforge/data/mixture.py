@@ -45,7 +45,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
-from llmforge.data.dataset import PackedWindows, epoch_order
+from llmforge.data.dataset import PackedWindows, epoch_order, rank_stream
 from llmforge.data.permutation import derive_key, permute
 from llmforge.data.shards import ShardSet, manifest_sha256, read_manifest
 
@@ -243,12 +243,7 @@ class MixtureSampler(Sampler[int]):
         return int(self.orders(np.array([position]))[0])
 
     def __iter__(self) -> Iterator[int]:
-        global_batch = self.batch_size * self.world_size
-        position = self.start
-        while True:
-            first = position + self.rank * self.batch_size
-            yield from self.orders(np.arange(first, first + self.batch_size)).tolist()
-            position += global_batch
+        return rank_stream(self.orders, self.start, self.rank, self.batch_size, self.world_size)
 
     def draws(self, cursor: int) -> list[int]:
         """Draws each source (in ``names``) has made before global position ``cursor``."""
