@@ -53,7 +53,7 @@ def reference(shards):
     return find_duplicates(keys, exact, sigs, threshold=0.8, bands=8, rows=8)
 
 
-@pytest.mark.parametrize("tasks", [1, 2, 3])
+@pytest.mark.parametrize("tasks", [1, 2, 3, 11])  # 11 tasks > 8 bands: each band split in 2 key ranges
 def test_tasks_give_the_same_drop_list_as_find_duplicates(tmp_path, shards, reference, tasks):
     # a tiny memory budget: every sort spills sorted runs and merges them
     plan = make_plan(tmp_path / "dedup", shards, threshold=0.8, bands=8, rows=8, tasks=tasks, memory_gb=1e-6)

@@ -9,12 +9,13 @@ Here the same decision is split into stages of independent tasks that run on the
 1. ``exact`` (T tasks, a hash range each): every shard's exact hashes in the task's range, sorted by
    (hash, key) with an external sort (`SortedRecords`); in each group of equal hashes the smallest key is
    the representative, the others are written as (duplicate, representative) pairs.
-2. ``bucket`` (T tasks, bands ``t, t + T, ...`` each): for one band at a time, the band's rows of every
-   shard's transposed signatures (contiguous on disk), hashed to one 64-bit band key per document; exact
-   duplicates are left out, as `find_duplicates` leaves them out. Records (band key, document key) are
-   sorted externally (sorted runs of ``memory_gb`` spilled to disk, then a chunked k-way merge that cuts
-   only between buckets), and candidate pairs come out of each bucket with the same window rule as
-   `find_duplicates`. Pairs are written split into T partitions by a hash of their first key.
+2. ``bucket`` (T tasks, units ``t, t + T, ...`` of the (band, band-key range) units, one range per band
+   unless there are more tasks than bands): for one unit at a time, the band's rows of every shard's
+   transposed signatures (contiguous on disk), hashed to one 64-bit band key per document, the keys in the
+   unit's range kept; exact duplicates are left out, as `find_duplicates` leaves them out. Records (band
+   key, document key) are sorted externally (sorted runs of ``memory_gb`` spilled to disk, then a chunked
+   k-way merge that cuts only between buckets), and candidate pairs come out of each bucket with the same
+   window rule as `find_duplicates`. Pairs are written split into T partitions by a hash of their first key.
 3. ``verify`` (T tasks, a partition each): the partition's candidate pairs, deduplicated across bands,
    verified against the signatures (estimated Jaccard >= the threshold), read by gathering the two
    documents' columns from their shards' files.
@@ -350,13 +351,12 @@ def exact_task(plan: DedupPlan, t: int) -> dict:
     if _finished(marker, h):
         return json.loads(out.with_suffix(".json").read_text())
     start = time.perf_counter()
-    lo = np.uint64((t << 64) // plan.tasks)
-    hi = np.uint64(((t + 1) << 64) // plan.tasks) if t + 1 < plan.tasks else None
+    lo, hi = _hash_range(t, plan.tasks)
     records = SortedRecords(_spill_dir(out.parent, f"runs{t:05d}"), plan.memory_bytes)
     for s, path in zip(plan.shards, plan.paths, strict=True):
         f = SignatureFile(path)
         ex = np.asarray(f.exact)
-        sel = ex >= lo if hi is None else (ex >= lo) & (ex < hi)
+        sel = _in_range(ex, lo, hi)
         records.add(ex[sel], pack_keys(s, np.asarray(f.doc)[sel]))
         del f
     dups, reps = [], []
@@ -383,29 +383,49 @@ def exact_task(plan: DedupPlan, t: int) -> dict:
     return stats
 
 
+def _hash_range(r: int, parts: int) -> tuple[np.uint64, np.uint64 | None]:
+    """Range r of `parts` equal ranges of the uint64 hashes: [lo, hi), hi None for the last."""
+    lo = np.uint64((r << 64) // parts)
+    return lo, (np.uint64(((r + 1) << 64) // parts) if r + 1 < parts else None)
+
+
+def _in_range(h: np.ndarray, lo: np.uint64, hi: np.uint64 | None) -> np.ndarray:
+    return h >= lo if hi is None else (h >= lo) & (h < hi)
+
+
+def bucket_units(plan: DedupPlan) -> list[tuple[int, int]]:
+    """(band, hash range) units of the bucket stage: every band, split into as many band-key ranges as it
+    takes for every task to have one when there are more tasks than bands."""
+    ranges = max(1, math.ceil(plan.tasks / plan.bands))
+    return [(band, r) for band in range(plan.bands) for r in range(ranges)]
+
+
 def bucket_task(plan: DedupPlan, t: int) -> dict:
-    """Candidate pairs of the bands t, t + T, ...: one file per band and verify partition."""
+    """Candidate pairs of the bucket units t, t + T, ...: one file per unit and verify partition."""
     out = _dir(plan, "candidates")
     stats = {"task": f"bucket {t}", "candidates": 0, "spilled_bytes": 0, "seconds": 0.0}
-    for band in range(t, plan.bands, plan.tasks):
-        marker, h = out / f"b{band:05d}.done", plan.digest("bucket", band)
+    units = bucket_units(plan)
+    ranges = len(units) // plan.bands
+    for band, r in units[t :: plan.tasks]:
+        name = f"b{band:05d}.r{r:05d}"
+        marker, h = out / f"{name}.done", plan.digest("bucket", band, r, ranges)
         if _finished(marker, h):
             continue
         start = time.perf_counter()
-        spill = _spill_dir(out, f"runs{band:05d}")
-        records = SortedRecords(spill, plan.memory_bytes)
+        records = SortedRecords(_spill_dir(out, f"runs.{name}"), plan.memory_bytes)
+        lo_h, hi_h = _hash_range(r, ranges)
         lo = band * plan.rows
         for s, path in zip(plan.shards, plan.paths, strict=True):
             f = SignatureFile(path)
             keys = pack_keys(s, np.asarray(f.doc))
             bh = _band_hash(f.columns(lo, lo + plan.rows).T, band)
+            del f
+            keep = _in_range(bh, lo_h, hi_h)
             dropped = _exact_dropped(plan, s)
             if len(dropped):
-                keep = ~np.isin(keys, dropped, assume_unique=True)
-                keys, bh = keys[keep], bh[keep]
-            records.add(bh, keys)
-            del f
-        files = [open(out / f"b{band:05d}.v{v:05d}.bin.tmp", "wb") for v in range(plan.tasks)]
+                keep &= ~np.isin(keys, dropped, assume_unique=True)
+            records.add(bh[keep], keys[keep])
+        files = [open(out / f"{name}.v{v:05d}.bin.tmp", "wb") for v in range(plan.tasks)]
         try:
             for hs, ks in records.chunks():
                 left, right = _window_pairs(hs, plan.window)
@@ -416,12 +436,11 @@ def bucket_task(plan: DedupPlan, t: int) -> dict:
                     np.stack([a[sel], b[sel]], axis=1).tofile(files[v])
                 stats["candidates"] += len(a)
         finally:
-            for f in files:
-                f.close()
+            for file in files:
+                file.close()
         for v in range(plan.tasks):
-            name = f"b{band:05d}.v{v:05d}.bin"
-            os.replace(out / (name + ".tmp"), out / name)
-        shutil.rmtree(spill, ignore_errors=True)
+            os.replace(out / f"{name}.v{v:05d}.bin.tmp", out / f"{name}.v{v:05d}.bin")
+        shutil.rmtree(records.spill_dir, ignore_errors=True)
         stats["spilled_bytes"] = max(stats["spilled_bytes"], records.spilled_bytes)
         stats["seconds"] += time.perf_counter() - start
         _mark(marker, h)
@@ -437,7 +456,9 @@ def verify_task(plan: DedupPlan, v: int) -> dict:
         return json.loads(out.with_suffix(".json").read_text())
     start = time.perf_counter()
     cand = Path(plan.work) / "candidates"
-    parts = [np.fromfile(cand / f"b{band:05d}.v{v:05d}.bin", dtype=np.int64) for band in range(plan.bands)]
+    parts = [
+        np.fromfile(cand / f"b{b:05d}.r{r:05d}.v{v:05d}.bin", dtype=np.int64) for b, r in bucket_units(plan)
+    ]
     pairs = np.concatenate(parts).reshape(-1, 2) if parts else np.empty((0, 2), np.int64)
     del parts
     if len(pairs):
