@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import resource
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from llmforge.prep.dedup import find_duplicates, load_signatures, write_signatures
 from llmforge.prep.dedup_tasks import make_plan, run_dedup
-from llmforge.prep.executor import LocalExecutor
 
 CONFIG = {"ngram": 3, "seed": 1, "scheme": "affine32"}
 
@@ -74,16 +75,18 @@ def measured(fn, *args):
 
 
 class MeasuringExecutor:
-    """A LocalExecutor whose tasks report their own peak RSS, wall and CPU time; stages timed per map."""
+    """Like LocalExecutor, but every stage runs in a fresh pool of `workers` spawned processes (a single
+    task too, so the driver's own memory is never counted), and each task reports its own peak RSS, wall
+    and CPU time."""
 
     def __init__(self, workers: int) -> None:
-        self.inner = LocalExecutor(workers, progress=False)
         self.workers = workers
         self.stages: list[dict] = []
 
     def map(self, fn, args, label=""):
         start = time.perf_counter()
-        out = self.inner.map(measured, [(fn, *a) for a in args], label)
+        with ProcessPoolExecutor(min(self.workers, len(args)), mp_context=mp.get_context("spawn")) as pool:
+            out = list(pool.map(measured, *zip(*[(fn, *a) for a in args], strict=True)))
         self.stages.append(
             {
                 "stage": label.removeprefix("dedup "),
