@@ -397,13 +397,15 @@ def bench_pages(modules: int, trials: int, seed: int, only: list[str] | None = N
                 verify_threshold=0.0 if vt is None else vt,
             )
             own = np.arange(len(copies)) % n  # each copy's page
+            page_of = np.concatenate([np.arange(n), own])  # of every document: its page
             kept = dict(zip(res.drop.tolist(), res.kept_for.tolist(), strict=True))
-            found = np.array([kept.get(n + j) == own[j] for j in range(len(copies))])
+            found = np.array([n + j in kept and page_of[kept[n + j]] == own[j] for j in range(len(copies))])
             recalls.append(found.mean())
-            correct += int(found.sum())
-            for d, k in kept.items():  # a wrong drop: a page, or a copy, kept for another module's page
-                page, survivor = (d if d < n else own[d - n]), int(k)
-                if page != survivor:
+            for d, k in kept.items():  # right: kept for its own page (or a copy of it); wrong: another page
+                page, survivor = int(page_of[d]), int(page_of[k])
+                if page == survivor:
+                    correct += 1
+                else:
                     wrong += 1
                     apart += (min(page, survivor), max(page, survivor)) in same_content
                     merged.add(tuple(sorted((names[page], names[survivor]))))

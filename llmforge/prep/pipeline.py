@@ -134,8 +134,8 @@ def make_hasher(dedup_cfg: dict):
     from llmforge.prep.dedup import MinHasher
 
     return MinHasher(
-        num_perm=int(dedup_cfg.get("num_perm", 256)),
-        ngram=int(dedup_cfg.get("ngram", 5)),
+        num_perm=int(dedup_cfg.get("num_perm", 128)),
+        ngram=int(dedup_cfg.get("ngram", 3)),
         seed=int(dedup_cfg.get("seed", 1)),
     )
 
@@ -276,10 +276,10 @@ def dedup_stage(cfg: dict, work_dir: str, n_shards: int, executor) -> dict:
     plan = make_plan(
         out,
         paths,
-        threshold=float(d.get("threshold", 0.8)),
+        threshold=float(d.get("threshold", 0.7)),
         bands=d.get("bands"),
         rows=d.get("rows"),
-        tasks=dedup_tasks(d, executor, docs, int(d.get("num_perm", 256))),
+        tasks=dedup_tasks(d, executor, docs, int(d.get("num_perm", 128))),
         memory_gb=float(d.get("memory_gb", 1.0)),
         exact=bool(d.get("exact", True)),
         near=bool(d.get("near", True)),
