@@ -496,12 +496,14 @@ def funnel_report(process_stats: list[dict], dedup: dict, tokenize: list[dict]) 
 
 
 def dedup_samples(work: Path, cap: int, excerpt_chars: int = 2000) -> dict[str, list[dict]]:
-    """Up to `cap` removed documents per reason (``exact``, ``near``), smallest keys first, each with its
-    survivor and their estimated Jaccard (from the audit trail ``dedup/removed.npz``)."""
+    """Up to `cap` removed documents per reason (``exact_dropped``, ``near_dropped``, as the stage counts
+    them), smallest keys first, each with its survivor and their estimated Jaccard (from the audit trail
+    ``dedup/removed.npz``)."""
     with np.load(work / "dedup" / "removed.npz") as z:
         drop, kept, exact, jac = z["drop"], z["kept_for"], z["exact"], z["jaccard"]
     chosen = {
-        reason: np.flatnonzero(exact if reason == "exact" else ~exact)[:cap] for reason in ("exact", "near")
+        reason: np.flatnonzero(exact if reason == "exact_dropped" else ~exact)[:cap]
+        for reason in ("exact_dropped", "near_dropped")
     }
     wanted = {int(k) for rows in chosen.values() for k in (*drop[rows].tolist(), *kept[rows].tolist())}
     docs: dict[int, Document] = {}
