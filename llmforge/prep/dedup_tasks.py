@@ -544,16 +544,43 @@ def components_task(plan: DedupPlan) -> dict:
 # Driver
 
 
+def _cached(stage: str):
+    """The driver-side check of a finished task (the executor skips it without starting it)."""
+
+    def done(plan: DedupPlan, t: int = 0) -> dict | None:
+        work = Path(plan.work)
+        if stage == "exact":
+            marker, h = work / "exact" / f"{t:05d}.done", plan.digest("exact", t)
+        elif stage == "verify":
+            marker, h = work / "verified" / f"{t:05d}.done", plan.digest("verify", t)
+        elif stage == "components":
+            marker, h = work / "components.done", plan.digest("components")
+        else:  # bucket: every unit of the task
+            ranges = len(bucket_units(plan)) // plan.bands
+            units = bucket_units(plan)[t :: plan.tasks]
+            ok = all(
+                _finished(
+                    work / "candidates" / f"b{b:05d}.r{r:05d}.done", plan.digest("bucket", b, r, ranges)
+                )
+                for b, r in units
+            )
+            return {"task": f"bucket {t}", "cached": True, "peak_rss_mib": 0.0} if ok else None
+        return json.loads(marker.with_suffix(".json").read_text()) if _finished(marker, h) else None
+
+    return done
+
+
 def run_dedup(plan: DedupPlan, executor) -> tuple[DedupResult, list[dict]]:
-    """Run (or resume) every stage on `executor` (anything with ``map(fn, args, label)``); the result and
+    """Run (or resume) every stage on `executor` (``map(fn, args, label, cached=...)``); the result and
     each task's stats (seconds, peak resident memory of its process, records spilled)."""
     tasks: list[dict] = []
+    every = [(plan, t) for t in range(plan.tasks)]
     if plan.exact:
-        tasks += executor.map(exact_task, [(plan, t) for t in range(plan.tasks)], label="dedup exact")
+        tasks += executor.map(exact_task, every, label="dedup-exact", cached=_cached("exact"))
     if plan.near:
-        tasks += executor.map(bucket_task, [(plan, t) for t in range(plan.tasks)], label="dedup buckets")
-        tasks += executor.map(verify_task, [(plan, v) for v in range(plan.tasks)], label="dedup verify")
-    tasks += executor.map(components_task, [(plan,)], label="dedup components")
+        tasks += executor.map(bucket_task, every, label="dedup-buckets", cached=_cached("bucket"))
+        tasks += executor.map(verify_task, every, label="dedup-verify", cached=_cached("verify"))
+    tasks += executor.map(components_task, [(plan,)], label="dedup-components", cached=_cached("components"))
     return load_result(plan), tasks
 
 
