@@ -109,3 +109,17 @@ def test_sorted_records_chunks_are_sorted_and_hold_whole_groups(tmp_path):
     seen = [set(c[0].tolist()) for c in chunks]
     assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1 :])  # no group split
     assert len(chunks) > 5 and not (tmp_path / "runs").exists()
+
+
+def test_verify_in_several_passes_gives_the_same_file(tmp_path, shards, reference):
+    """A partition larger than the memory budget is verified in passes (sub-partitions): same bytes."""
+    files = {}
+    for name, memory_gb in (("one", 1.0), ("many", 1e-6)):
+        plan = make_plan(tmp_path / name, shards, bands=8, rows=8, tasks=2, memory_gb=memory_gb)
+        _, stats = run_dedup(plan, LocalExecutor(1, progress=False))
+        passes = [s["passes"] for s in stats if s.get("task", "").startswith("verify")]
+        assert (passes == [1, 1]) if name == "one" else min(passes) > 1
+        files[name] = [(tmp_path / name / "verified" / f"{v:05d}.npy").read_bytes() for v in range(2)]
+        drop = (tmp_path / name / "drop.npy").read_bytes()
+        assert drop[-reference.drop.nbytes :] == reference.drop.tobytes()
+    assert files["one"] == files["many"]

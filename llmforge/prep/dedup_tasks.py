@@ -18,7 +18,8 @@ Here the same decision is split into stages of independent tasks that run on the
    window rule as `find_duplicates`. Pairs are written split into T partitions by a hash of their first key.
 3. ``verify`` (T tasks, a partition each): the partition's candidate pairs, deduplicated across bands,
    verified against the signatures (estimated Jaccard >= the threshold), read by gathering the two
-   documents' columns from their shards' files.
+   documents' columns from their shards' files. A partition larger than ``memory_gb`` is read in several
+   passes, each a sub-partition of its pairs (by another part of the first key's hash).
 4. ``components`` (one task): connected components over the verified pairs only (memory proportional to the
    number of pairs, not of documents), the smallest key kept; exact duplicates follow their
    representative's cluster. Writes the drop list, and the audit trail: for every removed document its
@@ -32,8 +33,10 @@ order exactly as the single-process sort orders them, and pairs are a set (dupli
 partitions change nothing). tests/test_dedup_tasks.py and experiments/bench_dedup_scale.py check this.
 
 Memory of a task: ``memory_gb`` of records (48 bytes a record while sorting), plus one shard's band (or
-exact) column, plus, for ``verify``, the partition's candidate pairs (16 bytes each) and, for
-``components``, the verified pairs and exact duplicates. Disk: the spilled runs (16 bytes a document per
+exact) column; for ``verify``, half of ``memory_gb`` of candidate pairs (64 bytes a pair while
+deduplicating) and a quarter for the gathered signatures of a chunk of pairs, plus one shard's file mapped;
+for ``components``, the verified pairs and exact duplicates (the one stage whose memory grows with the
+corpus: with the number of duplicate pairs). Disk: the spilled runs (16 bytes a document per
 band being sorted, deleted after the band), candidate and verified pairs.
 """
 
@@ -65,6 +68,7 @@ from llmforge.prep.dedup import (
 __all__ = ["DedupPlan", "SortedRecords", "load_result", "make_plan", "run_dedup"]
 
 RECORD_BYTES = 48  # a (hash, key) record while sorting: the two arrays, the order and the sorted copies
+PAIR_BYTES = 64  # a candidate pair while deduplicating: the pair, its sorted copy, the order and the mask
 _DOC_MASK = (1 << 32) - 1
 
 
@@ -448,32 +452,66 @@ def bucket_task(plan: DedupPlan, t: int) -> dict:
     return stats
 
 
+def _candidate_passes(plan: DedupPlan, files: Sequence[Path]) -> int:
+    """Passes over partition v's candidate files so that one pass's pairs fit half of ``memory_bytes``."""
+    pairs = sum(f.stat().st_size for f in files) // 16
+    return max(1, math.ceil(pairs / max(1024, plan.memory_bytes // (2 * PAIR_BYTES))))
+
+
+def _candidates(plan: DedupPlan, files: Sequence[Path], j: int, passes: int) -> np.ndarray:
+    """Pass j's candidate pairs of these files (those whose first key falls in sub-partition j),
+    sorted and deduplicated across bands; the files are read in chunks, never whole."""
+    chunk = max(1024, plan.memory_bytes // (4 * PAIR_BYTES))
+    parts = []
+    for path in files:
+        mm = np.memmap(path, dtype=np.int64, mode="r") if path.stat().st_size else np.empty(0, np.int64)
+        pairs = mm.reshape(-1, 2)
+        for s in range(0, len(pairs), chunk):
+            block = np.asarray(pairs[s : s + chunk])
+            if passes > 1:  # independent of the partition (the hash's low part, modulo T)
+                sub = (_fmix64(block[:, 0].astype(np.uint64)) // np.uint64(plan.tasks)) % np.uint64(passes)
+                block = block[sub == j]
+            parts.append(block)
+        del mm, pairs
+    pairs = np.concatenate(parts) if parts else np.empty((0, 2), np.int64)
+    del parts
+    if len(pairs):
+        pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+        new = np.ones(len(pairs), dtype=bool)
+        new[1:] = np.any(pairs[1:] != pairs[:-1], axis=1)
+        pairs = pairs[new]
+    return pairs
+
+
 def verify_task(plan: DedupPlan, v: int) -> dict:
-    """Partition v's candidate pairs, deduplicated across bands, kept where the estimated Jaccard passes."""
+    """Partition v's candidate pairs, deduplicated across bands, kept where the estimated Jaccard passes.
+
+    The partition's pairs are read in as many passes (sub-partitions by a hash of the first key) as it
+    takes for one pass to fit ``memory_bytes``: memory stays bounded however many candidates there are."""
     out = _dir(plan, "verified") / f"{v:05d}.npy"
     marker, h = out.with_suffix(".done"), plan.digest("verify", v)
     if _finished(marker, h):
         return json.loads(out.with_suffix(".json").read_text())
     start = time.perf_counter()
     cand = Path(plan.work) / "candidates"
-    parts = [
-        np.fromfile(cand / f"b{b:05d}.r{r:05d}.v{v:05d}.bin", dtype=np.int64) for b, r in bucket_units(plan)
-    ]
-    pairs = np.concatenate(parts).reshape(-1, 2) if parts else np.empty((0, 2), np.int64)
-    del parts
-    if len(pairs):
-        order = np.lexsort((pairs[:, 1], pairs[:, 0]))
-        pairs = pairs[order]
-        new = np.ones(len(pairs), dtype=bool)
-        new[1:] = np.any(pairs[1:] != pairs[:-1], axis=1)
-        pairs = pairs[new]
-    equal = _equal_counts(plan, pairs[:, 0], pairs[:, 1])
-    keep = equal >= plan.need
-    _save_npy(out, np.concatenate([pairs[keep], equal[keep, None]], axis=1))
+    files = [cand / f"b{b:05d}.r{r:05d}.v{v:05d}.bin" for b, r in bucket_units(plan)]
+    passes = _candidate_passes(plan, files)
+    kept, candidates = [], 0
+    for j in range(passes):
+        pairs = _candidates(plan, files, j, passes)
+        candidates += len(pairs)
+        equal = _equal_counts(plan, pairs[:, 0], pairs[:, 1])
+        keep = equal >= plan.need
+        kept.append(np.concatenate([pairs[keep], equal[keep, None]], axis=1))
+        del pairs, equal, keep
+    verified = np.concatenate(kept)
+    verified = verified[np.lexsort((verified[:, 1], verified[:, 0]))]  # the same file for any pass count
+    _save_npy(out, verified)
     stats = {
         "task": f"verify {v}",
-        "candidate_pairs": int(len(pairs)),
-        "verified_pairs": int(np.count_nonzero(keep)),
+        "candidate_pairs": int(candidates),
+        "verified_pairs": int(len(verified)),
+        "passes": passes,
         "seconds": time.perf_counter() - start,
         "peak_rss_mib": _rss_mib(),
     }
