@@ -123,3 +123,19 @@ def test_verify_in_several_passes_gives_the_same_file(tmp_path, shards, referenc
         drop = (tmp_path / name / "drop.npy").read_bytes()
         assert drop[-reference.drop.nbytes :] == reference.drop.tobytes()
     assert files["one"] == files["many"]
+
+
+def test_exact_only(tmp_path, shards, reference):
+    """dedup.near=false: exact duplicates only, as find_duplicates(near=False); no bucket or verify stage."""
+    keys, exact, sigs = load_signatures(shards)
+    ref = find_duplicates(keys, exact, sigs, bands=8, rows=8, near=False)
+    assert ref.drop.tobytes() == reference.drop[reference.exact].tobytes() and ref.near_dropped == 0
+    plan = make_plan(tmp_path / "dedup", shards, bands=8, rows=8, tasks=2, near=False)
+    result, _ = run_dedup(plan, LocalExecutor(1, progress=False))
+    assert result.drop.tobytes() == ref.drop.tobytes() and result.kept_for.tobytes() == ref.kept_for.tobytes()
+    assert result.stats() == ref.stats()
+    assert not (tmp_path / "dedup" / "candidates").exists()
+    with pytest.raises(ValueError, match="verify_threshold"):
+        make_plan(tmp_path / "x", shards, verify_threshold=float("inf"))
+    with pytest.raises(ValueError, match="near=False"):  # was an OverflowError (math.ceil of inf)
+        find_duplicates(keys, exact, sigs, verify_threshold=float("inf"))

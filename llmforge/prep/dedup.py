@@ -672,6 +672,7 @@ def find_duplicates(
     rows: int | None = None,
     *,
     verify_threshold: float | None = None,
+    near: bool = True,
     bucket_window: int = 64,
     pair_chunk: int = 16384,
 ) -> DedupResult:
@@ -684,6 +685,7 @@ def find_duplicates(
     values) is >= this (default `threshold`). With 128 permutations the estimate's standard deviation is
     ~0.035 at J=0.8, so pairs just above the threshold are sometimes rejected and pairs just below it
     sometimes accepted; see experiments/LEDGER.md for measured recall and precision.
+    near: False finds exact duplicates only (``dedup.near=false``): no banding, no verification.
 
     The result depends only on the keys and the data, not on the order of the rows.
     """
@@ -702,6 +704,8 @@ def find_duplicates(
     if bands < 1 or rows < 1 or bands * rows > num_perm:
         raise ValueError(f"{bands} bands x {rows} rows does not fit {num_perm} permutations")
     vt = threshold if verify_threshold is None else verify_threshold
+    if not 0.0 <= vt <= 1.0:
+        raise ValueError(f"verify_threshold must be in [0, 1], got {vt} (near=False turns near copies off)")
     need = math.ceil(vt * num_perm - 1e-9)  # equal values needed: estimated J >= vt
 
     # Canonical order: by key. Every later tie is broken by row index, i.e. by key.
@@ -725,7 +729,7 @@ def find_duplicates(
 
     # 2. LSH banding over the survivors, candidate pairs deduplicated across bands.
     code = np.empty(0, dtype=np.int64)  # pair (a, b), a < b, as a * m + b; merged band by band
-    for band in range(bands):
+    for band in range(bands if near else 0):
         block = signatures[src, band * rows : (band + 1) * rows]
         a, b = _bucket_pairs(_band_hash(block, band), bucket_window)
         if len(a):

@@ -144,6 +144,8 @@ def make_plan(
         bands, rows = lsh_params(threshold, num_perm)
     if bands < 1 or rows < 1 or bands * rows > num_perm:
         raise ValueError(f"{bands} bands x {rows} rows does not fit {num_perm} permutations")
+    if verify_threshold is not None and not 0.0 <= verify_threshold <= 1.0:
+        raise ValueError(f"verify_threshold must be in [0, 1], got {verify_threshold}")
     if tasks < 1 or memory_gb <= 0:
         raise ValueError(f"tasks must be >= 1 and memory_gb > 0, got {tasks} and {memory_gb}")
     if inputs is None:
