@@ -175,7 +175,7 @@ class DedupConfig:
     seed: int = 1
     bands: int | None = None  # None: chosen for the threshold by llmforge.prep.dedup.lsh_params
     rows: int | None = None
-    tasks: int | None = None  # per dedup stage; None: one per ~256 MiB of signatures, <= executor.workers
+    tasks: int | None = None  # per dedup stage; None: one per ~256 MiB of signatures, <= workers (local)
     memory_gb: float = 1.0  # records a dedup task sorts in memory before spilling sorted runs to disk
 
 

@@ -250,10 +250,13 @@ DEDUP_SPLIT_KEYS = ("tasks", "memory_gb")
 
 
 def dedup_tasks(d: dict, executor, docs: int, num_perm: int) -> int:
-    """`dedup.tasks`, or by default one task per ~256 MiB of signatures, at most the executor's workers."""
+    """`dedup.tasks`, or by default one task per ~256 MiB of signatures: at most the local executor's
+    workers (processes on this machine); on a cluster (SLURM, Ray) as many as that makes."""
     if d.get("tasks"):
         return int(d["tasks"])
-    return max(1, min(int(getattr(executor, "workers", 1)), math.ceil(docs * num_perm * 4 / (256 << 20))))
+    tasks = math.ceil(docs * num_perm * 4 / (256 << 20))
+    workers = getattr(executor, "workers", None)  # only the local executor has a fixed number of workers
+    return max(1, min(tasks, int(workers)) if workers else tasks)
 
 
 def dedup_stage(cfg: dict, work_dir: str, n_shards: int, executor) -> dict:
