@@ -128,6 +128,21 @@ def test_changed_config_redoes_only_what_changed(crawl, tmp_path):
     redone = {name for name in done if after[name] != done[name]}
     assert redone == {"tokenizer/tokenizer.done", *(f"tokenize/{i:05d}.done" for i in range(4))}
     assert json.loads((out / "manifest.json").read_text())["vocab_size"] == 700
+    # how dedup is split (tasks, memory) changes nothing; exact duplicates only (near=false) redoes dedup on
+    # (was an OverflowError: math.ceil of an infinite verify threshold)
+    before = json.loads((work / "dedup" / "stats.json").read_text())
+    split = prepare_args(crawl, out, "tokenizer.vocab_size=700", "dedup.tasks=2", "dedup.memory_gb=0.5")
+    assert run_cli("llmforge.prepare", *split, cwd=tmp_path, timeout=300).returncode == 0
+    assert {str(p.relative_to(work)): p.stat().st_mtime_ns for p in work.rglob("*.done")} == after
+    exact_only = prepare_args(crawl, out, "tokenizer.vocab_size=700", "dedup.near=false")
+    proc = run_cli("llmforge.prepare", *exact_only, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = {str(p.relative_to(work)): p.stat().st_mtime_ns for p in work.rglob("*.done")}
+    assert all(final[f"process/{i:05d}.done"] == done[f"process/{i:05d}.done"] for i in range(4))
+    assert final["dedup/dedup.done"] != after["dedup/dedup.done"]
+    stats = json.loads((work / "dedup" / "stats.json").read_text())
+    assert stats["near_dropped"] == 0 < before["near_dropped"]
+    assert stats["exact_dropped"] == before["exact_dropped"] > 0
 
 
 @pytest.mark.slow
