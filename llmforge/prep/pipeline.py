@@ -539,7 +539,8 @@ def write_dropped_samples(work: Path, out: Path, n_shards: int, cap: int) -> Non
             for reason, samples in reasons.items():
                 bucket = merged.setdefault(step, {}).setdefault(reason, [])
                 bucket.extend(samples[: max(0, cap - len(bucket))])
-    merged["dedup"] = dedup_samples(work, cap)
+    if (work / "dedup" / "removed.npz").exists():  # the dedup stage's audit trail
+        merged["dedup"] = dedup_samples(work, cap)
     written: set[Path] = set()
     for step, reasons in merged.items():
         for reason, samples in reasons.items():
