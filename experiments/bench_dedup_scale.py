@@ -4,7 +4,7 @@ and 2 worker processes; and, up to `--check-docs`, the drop list compared byte f
 `find_duplicates`.
 
     .venv/bin/python experiments/bench_dedup_scale.py [--docs 1000000 10000000] [--workers 1 2]
-        [--memory-gb 1] [--num-perm 128 --bands 16 --rows 8] [--dir /tmp/dedup-scale]
+        [--memory-gb 1] [--num-perm 128 --bands 16 --rows 8] [--dir /tmp/dedup-scale] [--keep-corpus]
 
 Synthetic corpus: shards of `--shard-docs` documents with random signatures (uint32, as MinHasher's affine32)
 and planted families: 5% of the documents are near copies of one of n/100 family templates (each value kept
@@ -118,14 +118,23 @@ def main() -> None:
     ap.add_argument("--check-docs", type=int, default=1_000_000, help="compare with find_duplicates up to")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/dedup-scale-bench"))
     ap.add_argument("--json", type=Path, default=None, help="append the results to this file")
+    ap.add_argument("--keep-corpus", action="store_true", help="keep the signature files, reuse kept ones")
     args = ap.parse_args()
 
     rows = []
     for docs in args.docs:
         root = args.dir / f"{docs}"
-        shutil.rmtree(root, ignore_errors=True)
+        corpus = {"docs": docs, "shard_docs": args.shard_docs, "num_perm": args.num_perm, "seed": 0}
+        kept = root / "sig" / "corpus.json"
         t0 = time.perf_counter()
-        paths = make_corpus(root / "sig", docs, args.shard_docs, args.num_perm)
+        if args.keep_corpus and kept.exists() and json.loads(kept.read_text()) == corpus:
+            paths = sorted((root / "sig").glob("*.sig.npz"))
+            for work in root.glob("work-*"):
+                shutil.rmtree(work)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+            paths = make_corpus(root / "sig", docs, args.shard_docs, args.num_perm)
+            kept.write_text(json.dumps(corpus))
         sig_bytes = du(root / "sig")
         print(
             f"\n{docs:,} documents: {len(paths)} shard files, {sig_bytes / 2**30:.2f} GiB of signatures "
@@ -204,7 +213,10 @@ def main() -> None:
                 f"survivors byte-identical: {ident}",
                 flush=True,
             )
-        shutil.rmtree(root, ignore_errors=True)
+        for work in root.glob("work-*"):
+            shutil.rmtree(work)
+        if not args.keep_corpus:
+            shutil.rmtree(root, ignore_errors=True)
     if args.json:
         with args.json.open("a") as f:
             f.write(json.dumps(rows) + "\n")

@@ -139,3 +139,18 @@ def test_exact_only(tmp_path, shards, reference):
         make_plan(tmp_path / "x", shards, verify_threshold=float("inf"))
     with pytest.raises(ValueError, match="near=False"):  # was an OverflowError (math.ceil of inf)
         find_duplicates(keys, exact, sigs, verify_threshold=float("inf"))
+
+
+def test_group_slices_cut_only_between_groups():
+    from llmforge.prep.dedup_tasks import _group_slices
+
+    rng = np.random.default_rng(4)
+    h = np.sort(rng.integers(0, 200, size=5000).astype(np.uint64))
+    h[1000:1500] = h[1000]  # a group larger than a slice
+    h = np.sort(h)
+    k = np.arange(len(h))
+    slices = list(_group_slices(h, k, 100))
+    np.testing.assert_array_equal(np.concatenate([s[1] for s in slices]), k)
+    assert all(len(s[0]) <= 100 or len(set(s[0].tolist())) == 1 for s in slices)
+    assert all(a[0][-1] != b[0][0] for a, b in zip(slices, slices[1:], strict=False))  # no group split
+    assert max(len(s[0]) for s in slices) > 100 and len(slices) > 40

@@ -181,8 +181,10 @@ class SortedRecords:
 
     Records stay in memory up to ``budget`` bytes (`RECORD_BYTES` a record); beyond that each full buffer is
     sorted and spilled to ``spill_dir`` as a run, and `chunks` merges the runs k-way, a bounded window of
-    each run at a time, cutting only below the smallest hash not yet read from some run, so no group is
-    split. (A single group larger than the budget is read whole: memory then grows with that group.)
+    each run at a time (read from the files, not paged in through the maps), cutting only below the
+    smallest hash not yet read from some run, so no group is split. Chunks hold at most half the capacity,
+    so that what a task derives from a chunk fits next to it. (A single group larger than that is read
+    whole: memory then grows with that group.)
     """
 
     spill_dir: Path
@@ -220,17 +222,19 @@ class SortedRecords:
         self.spilled_bytes += h.nbytes + k.nbytes
 
     def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Chunks of at most half the capacity (unless one group is larger), so what the reader computes
+        from a chunk fits the budget next to it."""
+        size = max(1, self.capacity // 2)
         if self.runs == 0:
             h, k = self._sorted_buffer()
-            if len(h):
-                yield h, k
+            yield from _group_slices(h, k, size)
             return
         if self._size:
             self._spill()
         hs = [np.load(self.spill_dir / f"run{r:05d}.h.npy", mmap_mode="r") for r in range(self.runs)]
         ks = [np.load(self.spill_dir / f"run{r:05d}.k.npy", mmap_mode="r") for r in range(self.runs)]
         pos = [0] * self.runs
-        step = max(1, self.capacity // self.runs)
+        step = max(1, size // self.runs)
         while any(p < len(h) for p, h in zip(pos, hs, strict=True)):
             # the smallest "last hash read" over the runs that still have records beyond their window
             bound = None
@@ -244,15 +248,39 @@ class SortedRecords:
             if bound is not None and all(e == p for e, p in zip(ends, pos, strict=True)):
                 # every record below `bound` is out: the next group (hash == bound) is read whole
                 ends = [p + int(np.searchsorted(h[p:], bound, "right")) for p, h in zip(pos, hs, strict=True)]
-            # runs hold ascending key ranges: concatenated in run order, a stable sort by hash is (hash, key)
-            h = np.concatenate([np.asarray(h[p:e]) for h, p, e in zip(hs, pos, ends, strict=True)])
-            k = np.concatenate([np.asarray(k[p:e]) for k, p, e in zip(ks, pos, ends, strict=True)])
+            # runs hold ascending key ranges: concatenated in run order, a stable sort by hash is (hash, key);
+            # windows are read, not touched through the maps, so the runs' pages do not pile up in memory
+            h = np.concatenate([_read(h, p, e) for h, p, e in zip(hs, pos, ends, strict=True)])
+            k = np.concatenate([_read(k, p, e) for k, p, e in zip(ks, pos, ends, strict=True)])
             pos = ends
             order = np.argsort(h, kind="stable")
-            yield h[order], k[order]
+            h, k = h[order], k[order]
+            del order
+            yield h, k
         del hs, ks
         shutil.rmtree(self.spill_dir, ignore_errors=True)
         self.runs = 0
+
+
+def _group_slices(h: np.ndarray, k: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Consecutive slices of sorted records, at most `size` each, cut only between groups of equal hashes
+    (a group larger than `size` is one slice)."""
+    start, n = 0, len(h)
+    while start < n:
+        end = min(start + size, n)
+        if end < n:
+            cut = start + int(np.searchsorted(h[start:end], h[end], "left"))
+            end = cut if cut > start else start + int(np.searchsorted(h[start:], h[start], "right"))
+        yield h[start:end], k[start:end]
+        start = end
+
+
+def _read(mapped: np.memmap, lo: int, hi: int) -> np.ndarray:
+    """Items lo..hi-1 of a memory-mapped .npy file, read from the file (not paged in through the map)."""
+    if hi <= lo:
+        return np.empty(0, dtype=mapped.dtype)
+    offset = mapped.offset + lo * mapped.dtype.itemsize
+    return np.fromfile(mapped.filename, dtype=mapped.dtype, count=hi - lo, offset=offset)
 
 
 # ----------------------------------------------------------------------------------------------------------
