@@ -16,11 +16,23 @@
     by estimated Jaccard), the same without verification, and datasketch `MinHashLSH(threshold=0.8,
     num_perm=128)` with its automatic bands, alone and followed by the same verification.
 (c) The global stage's own time on random signatures (banding and sorting cost, no duplicates).
+(d) Near-copies as users mean them, on real HTML: the pydoc pages of standard-library modules (what the demo
+    crawl holds), text extracted as the pipeline extracts it. Each page gets copies with 1%, 3%, 5% and 10%
+    of its words replaced by words drawn from the pages' own vocabulary (`--trials` copies per page and
+    rate, one rate per run, originals first so a found copy is dropped for its original). Recall: copies
+    dropped in favour of their own page. Negatives: the distinct modules' pages, which share pydoc's
+    template; a page dropped, or a copy kept for another module's page, is a false merge. Precision:
+    correct drops / all drops. Settings compared: shingle size, number of permutations, bands x rows and
+    the verification threshold, including the old defaults (5-grams, 256 perms, verify 0.8) and datasketch's
+    FineWeb settings (5-grams, 14x8 of 112 perms, no verification).
+
+    .venv/bin/python experiments/bench_minhash.py --only pages [--modules 150] [--trials 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 
@@ -271,6 +283,143 @@ def bench_global(n: int, seed: int) -> None:
         )
 
 
+# ----------------------------------------------------------------------------------------------------------
+# (d) near-copies of real pages
+
+
+RATES = (0.01, 0.03, 0.05, 0.10)
+
+
+def page_texts(modules: int) -> tuple[list[str], list[str]]:
+    """(module names, extracted text of their pydoc pages) for the first `modules` renderable stdlib modules
+    (pages of at least 50 words)."""
+    from llmforge.prep.demo_warc import render_pages
+    from llmforge.prep.document import Document
+    from llmforge.prep.extract import Extract
+
+    extract = Extract()
+    names, texts = [], []
+    for name, html in render_pages(modules):
+        doc = extract.process(Document(html, name, {"content_type": "text/html"}))
+        if doc is not None and len(doc.text.split()) >= 50:
+            names.append(name)
+            texts.append(doc.text)
+    return names, texts
+
+
+def edit_words(text: str, rate: float, vocab: list[str], rng: np.random.Generator) -> str:
+    """`text` with round(rate * words) of its words replaced by vocabulary words (layout kept)."""
+    parts = re.split(r"(\s+)", text)  # words at even positions, the whitespace between them at odd ones
+    words = [i for i in range(0, len(parts), 2) if parts[i]]
+    for i in rng.choice(words, size=max(1, round(rate * len(words))), replace=False):
+        parts[i] = str(vocab[rng.integers(len(vocab))])
+    return "".join(parts)
+
+
+# (label, ngram, num_perm, bands, rows, verify threshold or None for none); bands None: lsh_params
+PAGE_SETTINGS = [
+    ("old default: 5-gram, 256 perm, 21x12, verify 0.8", 5, 256, 21, 12, 0.8),
+    ("FineWeb: 5-gram, 112 perm, 14x8, no verify", 5, 112, 14, 8, None),
+    ("5-gram, 256 perm, 32x8, verify 0.7", 5, 256, 32, 8, 0.7),
+    ("3-gram, 128 perm, 16x8, verify 0.8", 3, 128, 16, 8, 0.8),
+    ("3-gram, 128 perm, 16x8, verify 0.75", 3, 128, 16, 8, 0.75),
+    ("3-gram, 128 perm, 16x8, verify 0.7", 3, 128, 16, 8, 0.7),
+    ("3-gram, 128 perm, 25x5, verify 0.7", 3, 128, 25, 5, 0.7),
+    ("3-gram, 128 perm, 25x5, verify 0.65", 3, 128, 25, 5, 0.65),
+    ("3-gram, 128 perm, 32x4, verify 0.6", 3, 128, 32, 4, 0.6),
+    ("3-gram, 256 perm, 51x5, verify 0.65", 3, 256, 51, 5, 0.65),
+]
+
+
+def bench_pages(modules: int, trials: int, seed: int, only: list[str] | None = None) -> None:
+    t0 = time.perf_counter()
+    names, pages = page_texts(modules)
+    n = len(pages)
+    vocab = sorted({w for p in pages for w in p.split()})
+    rng = np.random.default_rng(seed)
+    sets = {rate: [edit_words(p, rate, vocab, rng) for _ in range(trials) for p in pages] for rate in RATES}
+    words = np.array([len(p.split()) for p in pages])
+    print(
+        f"\n(d) {n} pydoc pages (extracted text, {np.median(words):.0f} words median, {words.min()}-"
+        f"{words.max()}), {trials} copies per page and edit rate ({time.perf_counter() - t0:.1f} s to build)"
+    )
+    for ngram in (3, 5):
+        true_j = {}
+        for rate, copies in sets.items():
+            js = []
+            for i, c in enumerate(copies[: 2 * n]):
+                sa, sb = set(shingles(pages[i % n], ngram)), set(shingles(c, ngram))
+                js.append(len(sa & sb) / len(sa | sb))
+            true_j[rate] = np.array(js)
+        cross = []
+        for i in range(0, n - 1, 2):
+            sa, sb = set(shingles(pages[i], ngram)), set(shingles(pages[i + 1], ngram))
+            cross.append(len(sa & sb) / len(sa | sb))
+        print(
+            f"  true {ngram}-gram Jaccard of copy and page: "
+            + ", ".join(f"{r:.0%} edited {j.mean():.3f} (min {j.min():.3f})" for r, j in true_j.items())
+            + "; 5th percentile: "
+            + ", ".join(f"{r:.0%} {np.percentile(j, 5):.3f}" for r, j in true_j.items())
+            + f"; between neighbouring modules' pages: max {max(cross):.3f}"
+        )
+    grams = [set(shingles(p, 3)) for p in pages]
+    same_content = {  # distinct modules whose pages are near-copies themselves (true 3-gram J >= 0.8)
+        (i, j)
+        for i in range(n)
+        for j in range(i + 1, n)
+        if len(grams[i] & grams[j]) >= 0.8 * len(grams[i] | grams[j])
+    }
+    print(
+        "  distinct modules whose pages have a true 3-gram Jaccard >= 0.8 (their merge is counted apart): "
+        + (", ".join(f"{names[i]}/{names[j]}" for i, j in sorted(same_content)) or "none")
+    )
+    header = f"  {'setting':52s}" + "".join(f" {f'recall {r:.0%}':>11s}" for r in RATES)
+    print(header + f" {'precision':>9s} {'precision*':>10s} {'s':>6s}  distinct modules merged")
+    for label, ngram, num_perm, bands, rows, vt in PAGE_SETTINGS:
+        if only and not any(o in label for o in only):
+            continue
+        hasher = MinHasher(num_perm=num_perm, ngram=ngram, seed=1)
+        t0 = time.perf_counter()
+        page_sigs = hasher.signatures(pages)
+        recalls, correct, wrong, merged, apart = [], 0, 0, set(), 0
+        for rate in RATES:
+            copies = sets[rate]
+            sigs = np.concatenate([page_sigs, hasher.signatures(copies)])
+            texts_exact = [exact_hash(t) for t in pages + copies]
+            keys = np.arange(len(sigs), dtype=np.int64)  # pages first: a found copy is dropped for its page
+            res = find_duplicates(
+                keys,
+                np.array(texts_exact, dtype=np.uint64),
+                sigs,
+                threshold=vt or 0.8,
+                bands=bands,
+                rows=rows,
+                verify_threshold=0.0 if vt is None else vt,
+            )
+            own = np.arange(len(copies)) % n  # each copy's page
+            page_of = np.concatenate([np.arange(n), own])  # of every document: its page
+            kept = dict(zip(res.drop.tolist(), res.kept_for.tolist(), strict=True))
+            found = np.array([n + j in kept and page_of[kept[n + j]] == own[j] for j in range(len(copies))])
+            recalls.append(found.mean())
+            for d, k in kept.items():  # right: kept for its own page (or a copy of it); wrong: another page
+                page, survivor = int(page_of[d]), int(page_of[k])
+                if page == survivor:
+                    correct += 1
+                else:
+                    wrong += 1
+                    apart += (min(page, survivor), max(page, survivor)) in same_content
+                    merged.add(tuple(sorted((names[page], names[survivor]))))
+        precision = correct / (correct + wrong) if correct + wrong else float("nan")
+        strict = correct / (correct + wrong - apart) if correct + wrong - apart else float("nan")
+        print(
+            f"  {label:52s}"
+            + "".join(f" {r:11.3f}" for r in recalls)
+            + f" {precision:9.4f} {strict:10.4f} {time.perf_counter() - t0:6.1f}  "
+            + (", ".join("/".join(m) for m in sorted(merged)) or "none")
+        )
+    print("  precision*: merges of modules whose pages are near-copies themselves (listed above) not counted")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--speed-docs", type=int, default=200)
@@ -278,7 +427,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--global-docs", type=int, default=200_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modules", type=int, default=150, help="(d) pydoc pages")
+    ap.add_argument("--trials", type=int, default=3, help="(d) copies per page and edit rate")
+    ap.add_argument("--only", choices=["pages"], default=None, help="run (d) alone")
+    ap.add_argument("--settings", nargs="*", default=None, help="(d): only settings whose label has one")
     args = ap.parse_args()
+    if args.only == "pages":
+        bench_pages(args.modules, args.trials, args.seed, args.settings)
+        return
 
     rng = np.random.default_rng(args.seed)
     vocab = make_vocab(5000, rng)
@@ -294,6 +450,7 @@ def main() -> None:
     bench_speed(texts, args.rounds)
     bench_quality(args.pairs, args.seed)
     bench_global(args.global_docs, args.seed)
+    bench_pages(args.modules, args.trials, args.seed)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ def compare(crawl: Path, against: Path, pairs: int, tmp: Path) -> None:
         f"other {med(rates['other']):.0f}"
         f" (ratio of medians {med(rates['this']) / med(rates['other']):.3f}, median paired ratio "
         f"{med(ratios):.3f}); median CPU s {med(cpus['this']):.1f} vs {med(cpus['other']):.1f}"
+        f" (whole command, docs per CPU-second: ratio {med(cpus['other']) / med(cpus['this']):.3f})"
     )
 
 

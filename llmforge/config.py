@@ -179,12 +179,17 @@ class ExtractConfig:
 class DedupConfig:
     exact: bool = True
     near: bool = True
-    threshold: float = 0.8
-    num_perm: int = 256  # 128 reaches only ~0.94 recall at J=0.8 once candidates are verified (LEDGER)
-    ngram: int = 5
+    # near copies as users mean them (a page with a few % of its words edited): 3-word shingles, verified at
+    # estimated Jaccard >= 0.7, 25 bands x 5 rows of 128 permutations; chosen on real pages by
+    # experiments/bench_minhash.py (d): recall 0.99 / 0.96 at 1% / 3% edited words (README, docs/dedup.md)
+    threshold: float = 0.7
+    num_perm: int = 128
+    ngram: int = 3
     seed: int = 1
     bands: int | None = None  # None: chosen for the threshold by llmforge.prep.dedup.lsh_params
     rows: int | None = None
+    tasks: int | None = None  # per dedup stage; None: one per ~256 MiB of signatures, <= workers (local)
+    memory_gb: float = 1.0  # records a dedup task sorts in memory before spilling sorted runs to disk
 
 
 @dataclass

@@ -70,6 +70,10 @@ def test_pipeline_end_to_end(crawl, tmp_path):
     assert "| dedup |" in report and "too_few_words" in report
     samples = list((out / "dropped").rglob("*.jsonl"))
     assert samples and all(len(p.read_text().splitlines()) <= 50 for p in samples)
+    for reason in ("exact_dropped", "near_dropped"):  # the dedup audit trail's sample, with survivors
+        removed = [json.loads(line) for line in (out / "dropped" / "dedup" / f"{reason}.jsonl").open()]
+        assert removed and all(r["survivor_id"] != r["id"] and r["text"] for r in removed)
+        assert all(r["jaccard"] == 1.0 for r in removed) if reason[0] == "e" else removed[0]["jaccard"] > 0.5
     stats = json.loads((out / "stats.json").read_text())
     assert len(stats["shards"]) == 4 and all("docs_per_s" in s for s in stats["shards"][0]["steps"])
 
@@ -82,18 +86,32 @@ def test_pipeline_end_to_end(crawl, tmp_path):
 
 
 def test_one_and_two_workers_give_identical_bytes(crawl, tmp_path):
+    from llmforge.prep.dedup import find_duplicates, load_signatures
+
     results = []
-    for workers in (1, 2):
+    for workers, tasks in ((1, 1), (2, 3)):  # dedup as one task in-process, and as 3 tasks per stage
         out = tmp_path / f"w{workers}"
         proc = run_cli(
             "llmforge.prepare",
-            *prepare_args(crawl, out, f"executor.workers={workers}"),
+            *prepare_args(crawl, out, f"executor.workers={workers}", f"dedup.tasks={tasks}"),
             cwd=tmp_path,
             timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results.append(outputs(out))
-    assert results[0] == results[1] and len(results[0]) >= 6
+        results.append(outputs(out) | {"drop.npy": (out / "work" / "dedup" / "drop.npy").read_bytes()})
+    assert results[0] == results[1] and len(results[0]) >= 7
+    # the tasks' drop list is byte for byte the single-process find_duplicates' over the same signatures
+    work = tmp_path / "w2" / "work"
+    stats = json.loads((work / "dedup" / "stats.json").read_text())
+    reference = find_duplicates(
+        *load_signatures(sorted((work / "process").glob("*.sig.npz"))),
+        threshold=stats["threshold"],
+        bands=stats["bands"],
+        rows=stats["rows"],
+    )
+    assert reference.near_dropped > 0 and reference.exact_dropped > 0
+    assert reference.drop.tobytes() == results[1]["drop.npy"][-reference.drop.nbytes :]
+    assert stats["tasks"] == 3
 
 
 def test_changed_config_redoes_only_what_changed(crawl, tmp_path):
@@ -110,6 +128,21 @@ def test_changed_config_redoes_only_what_changed(crawl, tmp_path):
     redone = {name for name in done if after[name] != done[name]}
     assert redone == {"tokenizer/tokenizer.done", *(f"tokenize/{i:05d}.done" for i in range(4))}
     assert json.loads((out / "manifest.json").read_text())["vocab_size"] == 700
+    # how dedup is split (tasks, memory) changes nothing; exact duplicates only (near=false) redoes dedup on
+    # (was an OverflowError: math.ceil of an infinite verify threshold)
+    before = json.loads((work / "dedup" / "stats.json").read_text())
+    split = prepare_args(crawl, out, "tokenizer.vocab_size=700", "dedup.tasks=2", "dedup.memory_gb=0.5")
+    assert run_cli("llmforge.prepare", *split, cwd=tmp_path, timeout=300).returncode == 0
+    assert {str(p.relative_to(work)): p.stat().st_mtime_ns for p in work.rglob("*.done")} == after
+    exact_only = prepare_args(crawl, out, "tokenizer.vocab_size=700", "dedup.near=false")
+    proc = run_cli("llmforge.prepare", *exact_only, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = {str(p.relative_to(work)): p.stat().st_mtime_ns for p in work.rglob("*.done")}
+    assert all(final[f"process/{i:05d}.done"] == done[f"process/{i:05d}.done"] for i in range(4))
+    assert final["dedup/dedup.done"] != after["dedup/dedup.done"]
+    stats = json.loads((work / "dedup" / "stats.json").read_text())
+    assert stats["near_dropped"] == 0 < before["near_dropped"]
+    assert stats["exact_dropped"] == before["exact_dropped"] > 0
 
 
 @pytest.mark.slow

@@ -130,7 +130,8 @@ def test_data_stage_never_imports_torch_or_lightning(tmp_path):
         assert len(list(watch.glob("pipeline-*"))) == importers
     tasks = [json.loads(p.read_text()) for p in (tmp_path / "ds" / "logs").glob("*/*.json")]
     workers = {t["pid"] for t in tasks if t["stage"] in ("process", "tokenize")}
-    assert len(tasks) == 2 + 1 + 1 + 2 and len(workers) == 4 and driver.pid not in workers  # 2 per stage
+    # process 2, dedup 4 stages of one task each (exact, buckets, verify, components), tokenizer 1, tokenize 2
+    assert len(tasks) == 2 + 4 + 1 + 2 and len(workers) == 4 and driver.pid not in workers  # 2 per stage
 def warc_without_responses(path) -> None:
     from warcio.warcwriter import WARCWriter
 

@@ -77,8 +77,9 @@ def test_prepare_on_ray_matches_local(address, crawl, tmp_path):
     ]
     local = run_cli("llmforge.prepare", *common, f"output_dir={tmp_path}/local", cwd=tmp_path, timeout=300)
     assert local.returncode == 0, local.stderr[-3000:]
+    # dedup as 3 tasks a stage on Ray (1 locally): the same bytes whatever the split
     cmd = [sys.executable, "-m", "llmforge.prepare", *common, f"output_dir={tmp_path}/ray", "executor=ray",
-           f"executor.address={address}"]
+           f"executor.address={address}", "dedup.tasks=3"]
     driver = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     stdout, stderr = driver.communicate(timeout=300)
@@ -90,6 +91,14 @@ def test_prepare_on_ray_matches_local(address, crawl, tmp_path):
     tasks = [json.loads(p.read_text()) for p in logs]
     assert len(tasks) == len(list(crawl.glob("*.warc.gz"))) == 4
     assert all(t["status"] == "ok" and t["pid"] != driver.pid for t in tasks)
+    # and so did every dedup task: 3 exact, 3 bucket, 3 verify tasks and the components task
+    for stage, count in (("exact", 3), ("buckets", 3), ("verify", 3), ("components", 1)):
+        logs = (tmp_path / "ray" / "logs" / f"dedup-{stage}").glob("*.json")
+        tasks = [json.loads(p.read_text()) for p in logs]
+        assert len(tasks) == count, stage
+        assert all(t["status"] == "ok" and t["pid"] != driver.pid for t in tasks), stage
+    stats = json.loads((tmp_path / "ray" / "work" / "dedup" / "stats.json").read_text())
+    assert stats["tasks"] == 3 and stats["exact_dropped"] + stats["near_dropped"] > 0
 
 
 # Run as the driver in its own process (`python -c`): its functions travel to the Ray workers by value.

@@ -44,6 +44,7 @@ import os
 import sys
 import tempfile
 import unicodedata
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -56,6 +57,7 @@ from llmforge.prep import cache
 __all__ = [
     "DedupResult",
     "MinHasher",
+    "SignatureFile",
     "exact_hash",
     "find_duplicates",
     "load_signatures",
@@ -66,6 +68,7 @@ __all__ = [
     "save_signatures",
     "shingles",
     "unpack_keys",
+    "write_signatures",
 ]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -391,25 +394,27 @@ def _as_keys(keys) -> np.ndarray:
     raise TypeError("keys must be a 1-D integer array or a sequence of (shard, doc) pairs")
 
 
-def save_signatures(
-    path: str | os.PathLike, keys: Sequence[int] | np.ndarray, texts: Iterable[str], hasher: MinHasher
-) -> Path:
-    """Compute one shard's exact hashes and signatures and write them atomically to `path` (.npz).
+_CONFIG_KEYS = ("num_perm", "ngram", "seed", "scheme")
 
-    `keys` are the documents' indices within the shard (0 <= doc < 2**32). The file holds ``doc`` (int64),
-    ``exact`` (uint64), ``sig`` ((n, num_perm), the hasher's dtype) and the hasher's config, so that shards
-    made with different settings are refused when loaded together.
+
+def write_signatures(
+    path: str | os.PathLike, doc: np.ndarray, exact: np.ndarray, sig: np.ndarray, config: dict
+) -> Path:
+    """Write one shard's arrays atomically (temp + rename) as an uncompressed ``.npz`` whose members can be
+    memory-mapped (`SignatureFile`).
+
+    Members: ``doc`` (int64 document indices), ``exact`` (uint64), ``sigT`` (the signatures *transposed*,
+    shape ``(num_perm, n)``: one band's values are then a contiguous block of rows, so a bucket task reads
+    only its columns of every shard) and the hasher's config, so that shards made with different settings
+    are refused when read together.
     """
     path = Path(path)
-    doc = np.asarray(keys, dtype=np.int64).reshape(-1)
-    normalized = [normalize_for_dedup(t) for t in texts]
-    if len(normalized) != len(doc):
-        raise ValueError(f"{len(doc)} keys for {len(normalized)} texts")
+    doc = np.asarray(doc, dtype=np.int64).reshape(-1)
+    exact = np.asarray(exact, dtype=np.uint64).reshape(-1)
+    if sig.ndim != 2 or len(sig) != len(doc) or len(exact) != len(doc):
+        raise ValueError(f"{len(doc)} documents, {len(exact)} exact hashes, signatures of shape {sig.shape}")
     if len(doc) and (doc.min() < 0 or doc.max() >= 1 << _DOC_BITS):
         raise ValueError("document indices must be in [0, 2**32)")
-    exact = np.fromiter((_exact_normalized(t) for t in normalized), dtype=np.uint64, count=len(doc))
-    sig = hasher._signatures_normalized(normalized)
-    cfg = hasher.config()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -418,11 +423,8 @@ def save_signatures(
                 f,
                 doc=doc,
                 exact=exact,
-                sig=sig,
-                num_perm=np.int64(cfg["num_perm"]),
-                ngram=np.int64(cfg["ngram"]),
-                seed=np.int64(cfg["seed"]),
-                scheme=np.str_(cfg["scheme"]),
+                sigT=np.ascontiguousarray(sig.T),
+                **{k: (np.str_(config[k]) if k == "scheme" else np.int64(config[k])) for k in _CONFIG_KEYS},
             )
             f.flush()
             os.fsync(f.fileno())
@@ -434,6 +436,77 @@ def save_signatures(
     return path
 
 
+def _npz_member(path: Path, name: str) -> np.ndarray:
+    """A read-only memory map of one stored (uncompressed) ``.npy`` member of an ``.npz`` file."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(name + ".npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(f"{path}: member {name} is compressed and cannot be memory-mapped")
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the local file header: name and extra-field lengths at bytes 26-29
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError(f"{path}: damaged zip header for {name}")
+        skip = int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+        f.seek(info.header_offset + 30 + skip)
+        version = np.lib.format.read_magic(f)
+        fmt = np.lib.format
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if fortran:
+        raise ValueError(f"{path}: member {name} is Fortran-ordered")
+    if int(np.prod(shape)) == 0:
+        return np.empty(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+class SignatureFile:
+    """One shard's signature file, memory-mapped: nothing is read until a slice of it is used.
+
+    ``doc``, ``exact``: per-document arrays; `columns` (a band's rows of the transposed matrix) and `rows`
+    (full signatures of some documents) read only what they return. Drop the object to unmap the file.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        with np.load(self.path, allow_pickle=False) as z:
+            self.config = {k: z[k].item() for k in _CONFIG_KEYS}
+            names = set(z.files)
+        if "sigT" not in names:
+            raise ValueError(f"{self.path}: no 'sigT' member (written by an older llmforge? rerun process)")
+        self.doc = _npz_member(self.path, "doc")
+        self.exact = _npz_member(self.path, "exact")
+        self.sigT = _npz_member(self.path, "sigT")
+        self.num_perm = int(self.config["num_perm"])
+
+    def __len__(self) -> int:
+        return len(self.doc)
+
+    def columns(self, lo: int, hi: int) -> np.ndarray:
+        """Signature values lo..hi-1 of every document, shape ``(hi - lo, n)`` (contiguous on disk)."""
+        return self.sigT[lo:hi]
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """Full signatures of the documents at positions `index`, shape ``(len(index), num_perm)``."""
+        return np.ascontiguousarray(self.sigT[:, np.asarray(index, dtype=np.int64)].T)
+
+
+def save_signatures(
+    path: str | os.PathLike, keys: Sequence[int] | np.ndarray, texts: Iterable[str], hasher: MinHasher
+) -> Path:
+    """One shard's exact hashes and signatures, written atomically to `path` (`write_signatures`).
+
+    `keys` are the documents' indices within the shard (0 <= doc < 2**32).
+    """
+    doc = np.asarray(keys, dtype=np.int64).reshape(-1)
+    texts = list(texts)
+    if len(texts) != len(doc):
+        raise ValueError(f"{len(doc)} keys for {len(texts)} texts")
+    exact, sig = hasher.fingerprints(texts)
+    return write_signatures(path, doc, exact, sig, hasher.config())
+
+
 def load_signatures(
     paths: Sequence[str | os.PathLike], shards: Sequence[int] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -442,32 +515,26 @@ def load_signatures(
     Keys are ``shard << 32 | doc`` (see `pack_keys`), where the shard index is the file's position in
     `paths` unless `shards` gives it; pass the files in a fixed order (e.g. sorted by name) so that "keep
     the smallest key" means the same document on every run. Files written with different hasher settings
-    are refused.
+    are refused. This holds every signature in memory: the distributed stages (`llmforge.prep.dedup_tasks`)
+    read the files memory-mapped instead.
     """
     if not paths:
         raise ValueError("no signature files given")
     if shards is not None and len(shards) != len(paths):
         raise ValueError(f"{len(shards)} shard indices for {len(paths)} files")
-    keys, exact = [], []
-    config, num_perm, dtype = None, 0, None
-    for i, p in enumerate(paths):  # first pass: small arrays and settings (npz members load lazily)
-        with np.load(p, allow_pickle=False) as z:
-            cfg = {k: z[k].item() for k in ("num_perm", "ngram", "seed", "scheme")}
-            if config is None:
-                config, num_perm = cfg, int(cfg["num_perm"])
-                dtype = np.uint32 if cfg["scheme"] == "affine32" else np.uint64
-            elif cfg != config:
-                raise ValueError(f"{p}: hasher settings {cfg} differ from {config}")
-            keys.append(pack_keys(i if shards is None else int(shards[i]), z["doc"]))
-            exact.append(z["exact"].astype(np.uint64))
-    # second pass: signatures straight into one preallocated matrix (peak memory: the matrix + one shard)
-    sigs = np.empty((sum(len(k) for k in keys), num_perm), dtype=dtype)
+    files = [SignatureFile(p) for p in paths]
+    for f in files[1:]:
+        if f.config != files[0].config:
+            raise ValueError(f"{f.path}: hasher settings {f.config} differ from {files[0].config}")
+    dtype = np.uint32 if files[0].config["scheme"] == "affine32" else np.uint64
+    keys = [pack_keys(i if shards is None else int(shards[i]), f.doc) for i, f in enumerate(files)]
+    sigs = np.empty((sum(len(f) for f in files), files[0].num_perm), dtype=dtype)
     row = 0
-    for p, k in zip(paths, keys, strict=True):
-        with np.load(p, allow_pickle=False) as z:
-            sigs[row : row + len(k)] = z["sig"]
-        row += len(k)
-    return np.concatenate(keys), np.concatenate(exact), sigs
+    for f in files:
+        sigs[row : row + len(f)] = f.sigT.T
+        row += len(f)
+    exact = np.concatenate([np.asarray(f.exact, dtype=np.uint64) for f in files])
+    return np.concatenate(keys), exact, sigs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -544,16 +611,15 @@ def _band_hash(cols: np.ndarray, salt: int) -> np.ndarray:
     return _fmix64(h)
 
 
-def _bucket_pairs(h: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (i, j), i < j, of rows with equal band hash.
+def _window_pairs(hs: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j), i < j, of positions of equal values in a *sorted* array of band hashes.
 
-    Within a bucket (rows in ascending order), each row is paired with up to `window` rows before it and
-    with the bucket's first row: every pair for buckets of up to window + 1 rows, O(n * window) pairs for
-    huge ones (templated pages) instead of O(n**2).
+    Within a bucket (a run of equal values, in the order given), each position is paired with up to
+    `window` positions before it and with the bucket's first position: every pair for buckets of up to
+    window + 1 rows, O(n * window) pairs for huge ones (templated pages) instead of O(n**2). Only
+    positions inside the bucket are used, so a sorted array cut between buckets gives the same pairs.
     """
-    n = len(h)
-    order = np.argsort(h, kind="stable")  # ties stay in row (= key) order
-    hs = h[order]
+    n = len(hs)
     idx = np.arange(n)
     is_start = np.ones(n, dtype=bool)
     is_start[1:] = hs[1:] != hs[:-1]
@@ -569,8 +635,13 @@ def _bucket_pairs(h: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.cumsum(c) - c
     left = right - (np.arange(len(right)) - np.repeat(offsets, c) + 1)
     far = rank > window
-    left = np.concatenate([left, gstart[far]])
-    right = np.concatenate([right, idx[far]])
+    return np.concatenate([left, gstart[far]]), np.concatenate([right, idx[far]])
+
+
+def _bucket_pairs(h: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j), i < j, of rows with equal band hash (`_window_pairs` over rows in ascending order)."""
+    order = np.argsort(h, kind="stable")  # ties stay in row (= key) order
+    left, right = _window_pairs(h[order], window)
     return order[left].astype(np.int64), order[right].astype(np.int64)
 
 
@@ -601,6 +672,7 @@ def find_duplicates(
     rows: int | None = None,
     *,
     verify_threshold: float | None = None,
+    near: bool = True,
     bucket_window: int = 64,
     pair_chunk: int = 16384,
 ) -> DedupResult:
@@ -613,6 +685,7 @@ def find_duplicates(
     values) is >= this (default `threshold`). With 128 permutations the estimate's standard deviation is
     ~0.035 at J=0.8, so pairs just above the threshold are sometimes rejected and pairs just below it
     sometimes accepted; see experiments/LEDGER.md for measured recall and precision.
+    near: False finds exact duplicates only (``dedup.near=false``): no banding, no verification.
 
     The result depends only on the keys and the data, not on the order of the rows.
     """
@@ -631,6 +704,8 @@ def find_duplicates(
     if bands < 1 or rows < 1 or bands * rows > num_perm:
         raise ValueError(f"{bands} bands x {rows} rows does not fit {num_perm} permutations")
     vt = threshold if verify_threshold is None else verify_threshold
+    if not 0.0 <= vt <= 1.0:
+        raise ValueError(f"verify_threshold must be in [0, 1], got {vt} (near=False turns near copies off)")
     need = math.ceil(vt * num_perm - 1e-9)  # equal values needed: estimated J >= vt
 
     # Canonical order: by key. Every later tie is broken by row index, i.e. by key.
@@ -654,7 +729,7 @@ def find_duplicates(
 
     # 2. LSH banding over the survivors, candidate pairs deduplicated across bands.
     code = np.empty(0, dtype=np.int64)  # pair (a, b), a < b, as a * m + b; merged band by band
-    for band in range(bands):
+    for band in range(bands if near else 0):
         block = signatures[src, band * rows : (band + 1) * rows]
         a, b = _bucket_pairs(_band_hash(block, band), bucket_window)
         if len(a):

@@ -5,8 +5,9 @@ Stages, in order (per-shard stages run on the executor, one task per input shard
 1. ``process`` (per shard): read -> extract -> clean -> filters; writes the kept documents
    (``work/process/NNNNN.jsonl.gz``), their MinHash signatures and exact hashes (``.sig.npz``), step stats
    and a capped sample of dropped documents per reason.
-2. ``dedup`` (global): exact and near duplicates across all shards from the signatures alone; writes the
-   sorted keys of the documents to drop.
+2. ``dedup`` (tasks, `llmforge.prep.dedup_tasks`): exact and near duplicates across all shards from the
+   memory-mapped signatures alone, as exact, bucket, verify and components tasks of bounded memory; writes
+   the sorted keys of the documents to drop and, for each, its survivor and estimated Jaccard.
 3. ``tokenizer`` (global): byte-level BPE on a deterministic, hash-selected sample of the kept documents.
 4. ``tokenize`` (per shard): kept, non-duplicate documents -> token shards in the output directory, the
    split chosen by document hash.
@@ -25,6 +26,7 @@ import functools
 import gzip
 import hashlib
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -138,8 +140,8 @@ def make_hasher(dedup_cfg: dict):
     from llmforge.prep.dedup import MinHasher
 
     return MinHasher(
-        num_perm=int(dedup_cfg.get("num_perm", 256)),
-        ngram=int(dedup_cfg.get("ngram", 5)),
+        num_perm=int(dedup_cfg.get("num_perm", 128)),
+        ngram=int(dedup_cfg.get("ngram", 3)),
         seed=int(dedup_cfg.get("seed", 1)),
     )
 
@@ -156,6 +158,7 @@ def read_kept(work: Path, index: int) -> Iterator[Document]:
 def process_hash(cfg: dict, source: str | list[str]) -> str:
     keys = ("reader", "extract", "clean", "filters")
     dedup = {k: cfg["dedup"].get(k) for k in ("num_perm", "ngram", "seed")}
+    dedup["signature_format"] = 2  # 2: memory-mappable, transposed (dedup.write_signatures)
     return digest({k: cfg.get(k) for k in keys}, dedup, fingerprint(source))
 
 
@@ -194,6 +197,8 @@ def process_shard(cfg: dict, work_dir: str, index: int, source: str | list[str])
     stream = counter.counted(stream)
     for step in steps:
         stream = step.run(stream, rank=index)
+    from llmforge.prep.dedup import write_signatures
+
     hasher = make_hasher(cfg["dedup"])
     docs_path = out / f"{index:05d}.jsonl.gz"
     tmp = docs_path.with_name(docs_path.name + ".tmp")
@@ -219,12 +224,13 @@ def process_shard(cfg: dict, work_dir: str, index: int, source: str | list[str])
                 batch = []
         sign(batch)  # the last batch, maybe empty (typed empty arrays)
     os.replace(tmp, docs_path)
-    sig = np.concatenate(sigs)
-    indices = np.arange(n, dtype=np.int64)
-    sig_path = out / f"{index:05d}.sig.npz"
-    sig_tmp = out / f"{index:05d}.sig.tmp.npz"
-    np.savez(sig_tmp, index=indices, exact=np.concatenate(exact), sig=sig)
-    os.replace(sig_tmp, sig_path)
+    write_signatures(
+        out / f"{index:05d}.sig.npz",
+        np.arange(n, dtype=np.int64),
+        np.concatenate(exact),
+        np.concatenate(sigs),
+        hasher.config(),
+    )
     stats = {
         "shard": index,
         "source": source if isinstance(source, str) else f"{len(source)} text files",
@@ -243,51 +249,59 @@ def process_shard(cfg: dict, work_dir: str, index: int, source: str | list[str])
     return stats
 
 
-# -- stage 2: dedup (global) ----------------------------------------------------------------------
+# -- stage 2: dedup (tasks on the executor) ------------------------------------------------------
+
+# settings that change how the work is split, never the result: left out of the stage's hash
+DEDUP_SPLIT_KEYS = ("tasks", "memory_gb")
 
 
-def dedup_stage(cfg: dict, work_dir: str, n_shards: int) -> dict:
-    from llmforge.prep.dedup import find_duplicates
+def dedup_tasks(d: dict, executor, docs: int, num_perm: int) -> int:
+    """`dedup.tasks`, or by default one task per ~256 MiB of signatures: at most the local executor's
+    workers (processes on this machine); on a cluster (SLURM, Ray) as many as that makes."""
+    if d.get("tasks"):
+        return int(d["tasks"])
+    tasks = math.ceil(docs * num_perm * 4 / (256 << 20))
+    workers = getattr(executor, "workers", None)  # only the local executor has a fixed number of workers
+    return max(1, min(tasks, int(workers)) if workers else tasks)
+
+
+def dedup_stage(cfg: dict, work_dir: str, n_shards: int, executor) -> dict:
+    """Exact and near duplicates across all shards, as bounded-memory tasks (`llmforge.prep.dedup_tasks`)
+    run on the executor; writes ``dedup/drop.npy`` (sorted keys to drop) and the audit trail
+    ``dedup/removed.npz`` (each removed document's survivor and estimated Jaccard)."""
+    from llmforge.prep.dedup import SignatureFile
+    from llmforge.prep.dedup_tasks import make_plan, run_dedup
 
     work = Path(work_dir)
     d = cfg["dedup"]
     upstream = [json.loads((work / "process" / f"{i:05d}.done").read_text())["hash"] for i in range(n_shards)]
-    h = digest(d, upstream)
+    h = digest({k: v for k, v in d.items() if k not in DEDUP_SPLIT_KEYS}, upstream)
     out = work / "dedup"
     if marker_ok(out / "dedup.done", h):
         return json.loads((out / "stats.json").read_text())
     start = time.perf_counter()
-    keys, exact, sigs = [], [], []
-    for i in range(n_shards):
-        with np.load(work / "process" / f"{i:05d}.sig.npz") as z:
-            keys.append((np.int64(i) << 32) | z["index"])
-            exact.append(z["exact"])
-            sigs.append(z["sig"])
-    all_keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
-    all_exact = np.concatenate(exact) if exact else np.zeros(0, dtype=np.uint64)
-    all_sigs = np.concatenate(sigs) if sigs else make_hasher(d).signatures([])
-    if not d.get("exact", True):  # every document gets its own exact hash: no exact matches
-        all_exact = np.arange(all_keys.size, dtype=np.uint64) + np.uint64(1 << 62)
-    near = {} if d.get("near", True) else {"bands": 1, "rows": all_sigs.shape[1], "verify_threshold": np.inf}
-    result = None
-    if all_keys.size:
-        result = find_duplicates(
-            all_keys,
-            all_exact,
-            all_sigs,
-            threshold=float(d.get("threshold", 0.8)),
-            **({"bands": d.get("bands"), "rows": d.get("rows")} | near),
-        )
-    drop = np.sort(result.drop) if result is not None else np.zeros(0, dtype=np.int64)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "drop.tmp.npy"
-    np.save(tmp, drop)
-    os.replace(tmp, out / "drop.npy")
+    paths = [work / "process" / f"{i:05d}.sig.npz" for i in range(n_shards)]
+    docs = sum(len(SignatureFile(p)) for p in paths)
+    plan = make_plan(
+        out,
+        paths,
+        threshold=float(d.get("threshold", 0.7)),
+        bands=d.get("bands"),
+        rows=d.get("rows"),
+        tasks=dedup_tasks(d, executor, docs, int(d.get("num_perm", 128))),
+        memory_gb=float(d.get("memory_gb", 1.0)),
+        exact=bool(d.get("exact", True)),
+        near=bool(d.get("near", True)),
+        inputs=digest(upstream),
+    )
+    result, tasks = run_dedup(plan, executor)
     stats = {
-        "docs_in": int(all_keys.size),
-        "docs_out": int(all_keys.size - drop.size),
+        "docs_in": docs,
+        "docs_out": docs - len(result.drop),
         "seconds": time.perf_counter() - start,
-        **(result.stats() if result is not None else {}),
+        "tasks": plan.tasks,
+        "task_peak_rss_mib": max(t["peak_rss_mib"] for t in tasks),
+        **result.stats(),
     }
     write_json(out / "stats.json", stats)
     write_marker(out / "dedup.done", h)
@@ -524,6 +538,39 @@ def funnel_report(process_stats: list[dict], dedup: dict, tokenize: list[dict]) 
     return totals, "\n".join(lines)
 
 
+def dedup_samples(work: Path, cap: int, excerpt_chars: int = 2000) -> dict[str, list[dict]]:
+    """Up to `cap` removed documents per reason (``exact_dropped``, ``near_dropped``, as the stage counts
+    them), smallest keys first, each with its survivor and their estimated Jaccard (from the audit trail
+    ``dedup/removed.npz``)."""
+    with np.load(work / "dedup" / "removed.npz") as z:
+        drop, kept, exact, jac = z["drop"], z["kept_for"], z["exact"], z["jaccard"]
+    chosen = {
+        reason: np.flatnonzero(exact if reason == "exact_dropped" else ~exact)[:cap]
+        for reason in ("exact_dropped", "near_dropped")
+    }
+    wanted = {int(k) for rows in chosen.values() for k in (*drop[rows].tolist(), *kept[rows].tolist())}
+    docs: dict[int, Document] = {}
+    for shard in sorted({k >> 32 for k in wanted}):
+        for i, doc in enumerate(read_kept(work, shard)):
+            if doc_key(shard, i) in wanted:
+                docs[doc_key(shard, i)] = doc
+    samples = {}
+    for reason, rows in chosen.items():
+        if len(rows):
+            samples[reason] = [
+                {
+                    "id": docs[int(drop[r])].id,
+                    "url": docs[int(drop[r])].metadata.get("url"),
+                    "survivor_id": docs[int(kept[r])].id,
+                    "survivor_url": docs[int(kept[r])].metadata.get("url"),
+                    "jaccard": round(float(jac[r]), 4),
+                    "text": docs[int(drop[r])].text[:excerpt_chars],
+                }
+                for r in rows.tolist()
+            ]
+    return samples
+
+
 def write_dropped_samples(work: Path, out: Path, n_shards: int, cap: int) -> None:
     """`dropped/<step>/<reason>.jsonl` for this run's reasons; files of reasons that no longer occur go."""
     merged: dict[str, dict[str, list]] = {}
@@ -532,6 +579,8 @@ def write_dropped_samples(work: Path, out: Path, n_shards: int, cap: int) -> Non
             for reason, samples in reasons.items():
                 bucket = merged.setdefault(step, {}).setdefault(reason, [])
                 bucket.extend(samples[: max(0, cap - len(bucket))])
+    if (work / "dedup" / "removed.npz").exists():  # the dedup stage's audit trail
+        merged["dedup"] = dedup_samples(work, cap)
     written: set[Path] = set()
     for step, reasons in merged.items():
         for reason, samples in reasons.items():
@@ -544,6 +593,12 @@ def write_dropped_samples(work: Path, out: Path, n_shards: int, cap: int) -> Non
     for folder in (out / "dropped").glob("*"):
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
+
+
+def result_config(cfg: dict) -> dict:
+    """The settings that can change the dataset's bytes (not where it goes, nor how the work is split)."""
+    d = {k: v for k, v in cfg["dedup"].items() if k not in DEDUP_SPLIT_KEYS}
+    return {k: v for k, v in cfg.items() if k != "output_dir"} | {"dedup": d}
 
 
 def finalize(
@@ -597,7 +652,7 @@ def finalize(
         tokenizer_sha256=sha256_file(out / TOKENIZER_FILE),
         splits=splits,
         source=source,
-        config_hash=digest({k: v for k, v in cfg.items() if k != "output_dir"}),
+        config_hash=digest(result_config(cfg)),
     )
 
 
@@ -649,7 +704,7 @@ def run_pipeline(cfg: dict, inputs: list[str], out_dir: Path, executor) -> dict:
         count=documents_read,
     )
     check_survivors(process_stats)
-    dedup = executor.run(dedup_stage, cfg, str(work), n, label="dedup")
+    dedup = dedup_stage(cfg, str(work), n, executor)
     executor.run(tokenizer_stage, cfg, str(work), n, label="tokenizer", cached=tokenizer_cached)
     tokenize = executor.map(
         tokenize_shard,
