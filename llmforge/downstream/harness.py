@@ -1,0 +1,84 @@
+"""Run lm-evaluation-harness tasks on an llmforge model and flatten the scores.
+
+The task list may mix lm-eval's own tasks (``hellaswag``, ``lambada_openai``: these download their data
+from the Hugging Face hub the first time) and local ones: the tasks shipped in ``llmforge/downstream/tasks``
+(``llmforge_stdlib``, offline) are always on the search path, and ``include_path`` adds directories of
+task YAMLs (for example a task whose ``dataset_path: json`` reads local ``data_files``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from llmforge.downstream import TASKS_DIR
+
+
+def task_manager(include_path: str | Path | Sequence[str | Path] | None = None) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR)]
+    if include_path:
+        extra = [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
+        paths += [str(p) for p in extra]
+    return TaskManager(include_path=paths)
+
+
+def run_tasks(
+    lm: Any,
+    tasks: Sequence[str],
+    *,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    include_path: str | Path | Sequence[str | Path] | None = None,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """lm-eval's results dictionary for ``tasks`` on ``lm`` (an `LlmforgeLM`). The global random generators
+    are left as they were (lm-eval seeds Python's, NumPy's and torch's own otherwise)."""
+    from lm_eval.evaluator import simple_evaluate
+
+    if not tasks:
+        raise ValueError("no task given")
+    results = simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        limit=limit,
+        num_fewshot=num_fewshot,
+        task_manager=task_manager(include_path),
+        log_samples=log_samples,
+        bootstrap_iters=0,
+        random_seed=None,
+        numpy_random_seed=None,
+        torch_random_seed=None,
+        fewshot_random_seed=1234,
+    )
+    if results is None:  # only on ranks other than lm-eval's rank 0
+        return {}
+    return dict(results)
+
+
+def scores(results: dict[str, Any]) -> dict[str, float]:
+    """``{"<task>/<metric>": value}`` from lm-eval's results (``acc,none`` -> ``acc``; stderr left out)."""
+    out: dict[str, float] = {}
+    for task, metrics in (results.get("results") or {}).items():
+        for key, value in metrics.items():
+            metric = key.split(",")[0]
+            if metric == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            out[f"{task}/{metric}"] = float(value)
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    from lm_eval.utils import make_table
+
+    return make_table(results)
+
+
+def write_json(results: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keep = {k: results[k] for k in ("results", "versions", "n-shot", "higher_is_better", "config") if k in results}
+    path.write_text(json.dumps(keep, indent=2, default=str) + "\n")
+    return path

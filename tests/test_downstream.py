@@ -1,0 +1,182 @@
+"""lm-evaluation-harness on llmforge checkpoints: parity with lm-eval's own `hf` model on the exported
+checkpoint, request by request; the three request types; the command lines; refusals. Offline: every task
+here is written by the test (``dataset_path: json`` over local files) or shipped in llmforge/downstream/tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from llmforge.downstream.adapter import LlmforgeLM  # noqa: E402
+from llmforge.downstream.harness import run_tasks, scores  # noqa: E402
+from llmforge.training import run  # noqa: E402
+from tests.conftest import compose_train, run_cli  # noqa: E402
+
+MC_ITEMS = [
+    {"question": "The function dumps() is defined in the Python module", "choices": ["json", "os", "re"], "answer": 0},
+    {"question": "Return the sorted list of", "choices": ["items", "the keys", "values in order"], "answer": 1},
+    {"question": "def main():\n    return", "choices": ["None", " sorted(items)", "x"], "answer": 2},
+    {"question": "import", "choices": [" os", " sys", " json"], "answer": 0},
+]
+TEXTS = [
+    "Return a new list containing all items from the iterable in ascending order.",
+    "The module provides functions for working with paths.\n\n" * 12,  # longer than seq: several windows
+    "x",
+]
+
+
+def write_tasks(directory) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "mc.jsonl").write_text("".join(json.dumps(i) + "\n" for i in MC_ITEMS))
+    (directory / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    (directory / "gen.jsonl").write_text(
+        "".join(json.dumps({"prompt": t[:20], "answer": t[20:30]}) + "\n" for t in TEXTS[:2])
+    )
+    common = "test_split: test\nmetadata:\n  version: 1.0\n"
+    (directory / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {directory / 'mc.jsonl'}\n" + common + "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    (directory / "tiny_rolling.yaml").write_text(
+        "task: tiny_rolling\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {directory / 'texts.jsonl'}\n" + common + "output_type: loglikelihood_rolling\n"
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
+    )
+    (directory / "tiny_gen.yaml").write_text(
+        "task: tiny_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {directory / 'gen.jsonl'}\n" + common + "output_type: generate_until\n"
+        'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
+        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def ckpts(tiny_data, tmp_path_factory):
+    """A clm checkpoint trained a few steps (seq 64: the rolling text needs several windows) and an mlm one."""
+    out = {}
+    for objective in ("clm", "mlm"):
+        run_dir = tmp_path_factory.mktemp(objective)
+        cfg = compose_train(
+            [
+                f"data.path={tiny_data}",
+                f"run_dir={run_dir}",
+                "model=tiny",
+                "model.max_seq_len=64",
+                f"objective={objective}",
+                "data.seq_len=32",
+                "data.batch_size=4",
+                "debug=fast",
+                "trainer.max_steps=4",
+            ]
+        )
+        out[objective] = run(cfg).last_checkpoint
+    return out
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    write_tasks(d)
+    return d
+
+
+def samples(results, task):
+    return [s["resps"] for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+
+
+def test_loglikelihoods_equal_lm_evals_hf_model_on_the_export(ckpts, tasks_dir, tmp_path):
+    from lm_eval.models.huggingface import HFLM
+
+    from llmforge.export import main as export_main
+
+    hf_dir = tmp_path / "hf"
+    assert export_main([str(ckpts["clm"]), str(hf_dir)]) == 0
+    ours = LlmforgeLM(checkpoint=str(ckpts["clm"]), batch_size=3)
+    eos = ours.eot_token_id
+    theirs = HFLM(pretrained=str(hf_dir), dtype="float32", device="cpu", batch_size=3, prefix_token_id=eos)
+    tasks = ["tiny_mc", "tiny_rolling"]
+    a = run_tasks(ours, tasks, include_path=tasks_dir, log_samples=True)
+    b = run_tasks(theirs, tasks, include_path=tasks_dir, log_samples=True)
+    n = 0
+    for task in tasks:
+        for ra, rb in zip(samples(a, task), samples(b, task), strict=True):
+            for xa, xb in zip(ra, rb, strict=True):
+                va = xa[0][0] if isinstance(xa[0], (list, tuple)) else xa[0]
+                vb = xb[0][0] if isinstance(xb[0], (list, tuple)) else xb[0]
+                assert va == pytest.approx(vb, abs=1e-4), (task, va, vb)
+                n += 1
+    assert n == sum(len(i["choices"]) for i in MC_ITEMS) + len(TEXTS)
+    # the rolling text longer than max_seq_len really was split into several windows
+    assert len(ours.tok_encode(TEXTS[1])) > ours.max_length
+    sa, sb = scores(a), scores(b)
+    assert sa["tiny_mc/acc"] == sb["tiny_mc/acc"]
+    assert sa["tiny_rolling/bits_per_byte"] == pytest.approx(sb["tiny_rolling/bits_per_byte"], rel=1e-5)
+
+
+def test_loglikelihood_matches_a_direct_forward(ckpts):
+    lm = LlmforgeLM(checkpoint=str(ckpts["clm"]), batch_size=2)
+    context, continuation = "Return the sorted", " list of items"
+    whole = lm.tok_encode(context + continuation)
+    ctx = lm.tok_encode(context)
+    cont = whole[len(ctx) :]
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([whole[:-1]])).log_softmax(-1)[0]
+    expected = sum(float(logits[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+    ((got, _),) = lm._loglikelihood_tokens([(None, ctx, cont)])
+    assert got == pytest.approx(expected, abs=1e-5)
+    # batching and ordering do not change a request's score
+    many = lm._loglikelihood_tokens([(None, ctx, cont), (None, whole[:3], whole[3:5]), (None, ctx, cont)])
+    assert many[0][0] == pytest.approx(expected, abs=1e-5) and many[2][0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(ckpts, tasks_dir):
+    from llmforge.generate import generate_ids
+
+    lm = LlmforgeLM(checkpoint=str(ckpts["clm"]), batch_size=2)
+    results = run_tasks(lm, ["tiny_gen"], include_path=tasks_dir, log_samples=True)
+    outs = [r[0][0] if isinstance(r[0], list) else r[0] for r in samples(results, "tiny_gen")]
+    for text, out in zip(TEXTS[:2], outs, strict=True):
+        ids = generate_ids(lm.model, [[lm.eot_token_id] + lm.tok_encode(text[:20])], 6, eos_id=lm.eot_token_id)[0]
+        expected = lm.tok_decode([t for t in ids if t != lm.eot_token_id]).split("\n")[0]
+        assert out == expected
+    assert "tiny_gen/exact_match" in scores(results)
+
+
+def test_the_shipped_stdlib_task_runs_offline(ckpts):
+    lm = LlmforgeLM(checkpoint=str(ckpts["clm"]), batch_size=8)
+    out = scores(run_tasks(lm, ["llmforge_stdlib"], limit=8))
+    assert 0.0 <= out["llmforge_stdlib/acc"] <= 1.0 and "llmforge_stdlib/acc_norm" in out
+
+
+def test_mlm_checkpoints_are_refused_in_one_line(ckpts):
+    with pytest.raises(ValueError, match="mlm checkpoint cannot answer"):
+        LlmforgeLM(checkpoint=str(ckpts["mlm"]))
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_with_the_llmforge_model(ckpts, tasks_dir, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli(
+        "llmforge.lm_eval",
+        "--model", "llmforge",
+        "--model_args", f"checkpoint={ckpts['clm']}",
+        "--batch_size", "4",
+        "--tasks", "tiny_mc",
+        "--include_path", str(tasks_dir),
+        "--output_path", str(out),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "tiny_mc" in r.stdout and "acc" in r.stdout
+    files = list(out.rglob("results_*.json"))
+    assert files and "tiny_mc" in json.loads(files[0].read_text())["results"]
