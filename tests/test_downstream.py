@@ -180,3 +180,74 @@ def test_lm_eval_command_line_with_the_llmforge_model(ckpts, tasks_dir, tmp_path
     assert "tiny_mc" in r.stdout and "acc" in r.stdout
     files = list(out.rglob("results_*.json"))
     assert files and "tiny_mc" in json.loads(files[0].read_text())["results"]
+
+
+# -- decontamination -----------------------------------------------------------------------------------
+def test_decontamination_drops_a_planted_task_item_and_counts_it_per_task(tasks_dir, tmp_path):
+    from llmforge.prep.text import stdlib_documents
+
+    item = MC_ITEMS[0]
+    planted = f"{item['question']} {item['choices'][item['answer']]}."
+    docs = [t for _, (_, t) in zip(range(6), stdlib_documents())]
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, text in enumerate(docs):
+        (src / f"{i}.txt").write_text(text)
+    (src / "leak.txt").write_text(docs[0][:400] + "\n\nQuiz. " + planted.upper() + "\n\n" + docs[1][:400])
+    out = tmp_path / "ds"
+    args = [
+        "pipeline=text",
+        "progress=false",
+        f"input={src}/*.txt",
+        f"output_dir={out}",
+        "tokenizer.vocab_size=400",
+        "tokenizer.num_sentinels=4",
+        "filters.decontaminate.enabled=true",
+        "filters.decontaminate.tasks=[tiny_mc,tiny_rolling]",
+        f"filters.decontaminate.include_path={tasks_dir}",
+    ]
+    proc = run_cli("llmforge.prepare", *args, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["decontaminated_against"] == ["tiny_mc", "tiny_rolling"]
+    stats = json.loads((out / "stats.json").read_text())
+    text = json.dumps(stats)
+    assert '"decontaminate:tiny_mc": 1' in text, text[:3000]
+    assert "decontaminate:tiny_rolling" not in text
+    sample = out / "dropped" / "decontaminate" / "decontaminate_tiny_mc.jsonl"
+    assert sample.is_file() and "leak.txt" in sample.read_text()
+    assert manifest["source"]["funnel"]["decontaminate"]["dropped"] == 1
+
+
+def test_decontamination_filter_matches_windows_and_short_items(tmp_path):
+    import numpy as np
+
+    from llmforge.prep.decontaminate import DecontaminateFilter, _WordHasher, window_hashes, words
+    from llmforge.prep.document import Document
+
+    h = _WordHasher()
+    long_item = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+    short_item = "alpha beta gamma delta epsilon zeta eta theta"  # 8 words: matched whole
+    parts = [(window_hashes(h(words(long_item)), 13), 0), (window_hashes(h(words(short_item)), 8), 1)]
+    hashes = np.concatenate([p for p, _ in parts])
+    index = {
+        "hashes": hashes,
+        "task": np.array([0, 0, 1], dtype=np.int32),
+        "sizes": np.array([13, 13, 8], dtype=np.int32),
+        "names": np.array(["long", "short"]),
+    }
+    order = np.argsort(index["hashes"])
+    np.savez(tmp_path / "i.npz", **{k: (v[order] if k != "names" else v) for k, v in index.items()})
+    f = DecontaminateFilter(index=str(tmp_path / "i.npz"))
+    doc = lambda t: Document(t, "d", {})  # noqa: E731
+    assert f.filter(doc("Intro. Two three FOUR, five six seven eight nine ten eleven twelve thirteen fourteen!")) == (
+        False,
+        "decontaminate:long",
+    )
+    assert f.filter(doc("one two three four five six seven eight nine ten eleven twelve")) == (True, None)
+    assert f.filter(doc("zero one two three four five six seven eight nine ten eleven twelve thirteen")) == (
+        False,
+        "decontaminate:long",
+    )
+    assert f.filter(doc("x Alpha beta gamma delta epsilon zeta eta theta y")) == (False, "decontaminate:short")
+    assert f.filter(doc("alpha beta gamma delta epsilon zeta eta")) == (True, None)
