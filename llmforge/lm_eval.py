@@ -11,8 +11,9 @@ from __future__ import annotations
 
 
 def main() -> None:
-    import llmforge.downstream.adapter  # noqa: F401  (registers --model llmforge)
     from lm_eval.__main__ import cli_evaluate
+
+    import llmforge.downstream.adapter  # noqa: F401  (registers --model llmforge)
 
     cli_evaluate()
 

@@ -1,6 +1,6 @@
 """lm-evaluation-harness on llmforge checkpoints: parity with lm-eval's own `hf` model on the exported
 checkpoint, request by request; the three request types; the command lines; refusals. Offline: every task
-here is written by the test (``dataset_path: json`` over local files) or shipped in llmforge/downstream/tasks."""
+here is written by the test (``dataset_path: json`` over local files) or shipped in llmforge."""
 
 from __future__ import annotations
 
@@ -19,8 +19,16 @@ from llmforge.training import run  # noqa: E402
 from tests.conftest import compose_train, run_cli  # noqa: E402
 
 MC_ITEMS = [
-    {"question": "The function dumps() is defined in the Python module", "choices": ["json", "os", "re"], "answer": 0},
-    {"question": "Return the sorted list of", "choices": ["items", "the keys", "values in order"], "answer": 1},
+    {
+        "question": "The function dumps() is defined in the Python module",
+        "choices": ["json", "os", "re"],
+        "answer": 0,
+    },
+    {
+        "question": "Return the sorted list of",
+        "choices": ["items", "the keys", "values in order"],
+        "answer": 1,
+    },
     {"question": "def main():\n    return", "choices": ["None", " sorted(items)", "x"], "answer": 2},
     {"question": "import", "choices": [" os", " sys", " json"], "answer": 0},
 ]
@@ -55,14 +63,14 @@ def write_tasks(directory) -> None:
         "task: tiny_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {directory / 'gen.jsonl'}\n" + common + "output_type: generate_until\n"
         'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
-        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\n  do_sample: false\n"
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 6\n  do_sample: false\n'
         "metric_list:\n  - metric: exact_match\n"
     )
 
 
 @pytest.fixture(scope="module")
 def ckpts(tiny_data, tmp_path_factory):
-    """A clm checkpoint trained a few steps (seq 64: the rolling text needs several windows) and an mlm one."""
+    """A clm checkpoint trained a few steps (seq 64: the rolling text takes several windows), an mlm one."""
     out = {}
     for objective in ("clm", "mlm"):
         run_dir = tmp_path_factory.mktemp(objective)
@@ -146,7 +154,9 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(ckpts, tasks_d
     results = run_tasks(lm, ["tiny_gen"], include_path=tasks_dir, log_samples=True)
     outs = [r[0][0] if isinstance(r[0], list) else r[0] for r in samples(results, "tiny_gen")]
     for text, out in zip(TEXTS[:2], outs, strict=True):
-        ids = generate_ids(lm.model, [[lm.eot_token_id] + lm.tok_encode(text[:20])], 6, eos_id=lm.eot_token_id)[0]
+        ids = generate_ids(
+            lm.model, [[lm.eot_token_id] + lm.tok_encode(text[:20])], 6, eos_id=lm.eot_token_id
+        )[0]
         expected = lm.tok_decode([t for t in ids if t != lm.eot_token_id]).split("\n")[0]
         assert out == expected
     assert "tiny_gen/exact_match" in scores(results)
@@ -188,7 +198,7 @@ def test_decontamination_drops_a_planted_task_item_and_counts_it_per_task(tasks_
 
     item = MC_ITEMS[0]
     planted = f"{item['question']} {item['choices'][item['answer']]}."
-    docs = [t for _, (_, t) in zip(range(6), stdlib_documents())]
+    docs = [t for _, (_, t) in zip(range(6), stdlib_documents(), strict=False)]
     src = tmp_path / "in"
     src.mkdir()
     for i, text in enumerate(docs):
@@ -240,7 +250,9 @@ def test_decontamination_filter_matches_windows_and_short_items(tmp_path):
     np.savez(tmp_path / "i.npz", **{k: (v[order] if k != "names" else v) for k, v in index.items()})
     f = DecontaminateFilter(index=str(tmp_path / "i.npz"))
     doc = lambda t: Document(t, "d", {})  # noqa: E731
-    assert f.filter(doc("Intro. Two three FOUR, five six seven eight nine ten eleven twelve thirteen fourteen!")) == (
+    assert f.filter(
+        doc("Intro. Two three FOUR, five six seven eight nine ten eleven twelve thirteen fourteen!")
+    ) == (
         False,
         "decontaminate:long",
     )
@@ -249,5 +261,8 @@ def test_decontamination_filter_matches_windows_and_short_items(tmp_path):
         False,
         "decontaminate:long",
     )
-    assert f.filter(doc("x Alpha beta gamma delta epsilon zeta eta theta y")) == (False, "decontaminate:short")
+    assert f.filter(doc("x Alpha beta gamma delta epsilon zeta eta theta y")) == (
+        False,
+        "decontaminate:short",
+    )
     assert f.filter(doc("alpha beta gamma delta epsilon zeta eta")) == (True, None)

@@ -62,7 +62,9 @@ class LlmforgeLM(TemplateLM):
         super().__init__()
         if loaded is None:
             if checkpoint is None:
-                raise ValueError("model_args needs checkpoint=PATH (a .ckpt, a run directory or an HF export)")
+                raise ValueError(
+                    "model_args needs checkpoint=PATH (a .ckpt, a run directory or an HF export)"
+                )
             if dtype not in DTYPES:
                 raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
             loaded = load_model(checkpoint, device=_device(device), dtype=DTYPES[dtype], tokenizer=tokenizer)
@@ -201,4 +203,3 @@ def _device(name: str) -> torch.device:
         log.warning("device=%s: no CUDA device here, using the CPU", name)
         return torch.device("cpu")
     return torch.device(name)
-

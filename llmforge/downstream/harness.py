@@ -79,6 +79,8 @@ def table(results: dict[str, Any]) -> str:
 
 def write_json(results: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    keep = {k: results[k] for k in ("results", "versions", "n-shot", "higher_is_better", "config") if k in results}
+    keep = {
+        k: results[k] for k in ("results", "versions", "n-shot", "higher_is_better", "config") if k in results
+    }
     path.write_text(json.dumps(keep, indent=2, default=str) + "\n")
     return path

@@ -28,7 +28,7 @@ ITEMS = TASKS_DIR / "llmforge_stdlib.jsonl"
 
 
 def module_functions(max_modules: int | None = None) -> dict[str, list[str]]:
-    """Public functions defined in each importable standard-library module (as the demo crawl renders them)."""
+    """Public functions defined in each importable standard-library module (as the demo renders them)."""
     from llmforge.prep.demo_warc import stdlib_modules
 
     out: dict[str, list[str]] = {}

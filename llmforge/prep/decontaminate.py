@@ -67,6 +67,7 @@ def window_hashes(word_hashes: np.ndarray, n: int) -> np.ndarray:
 
 def item_texts(task: Any, doc: Any) -> list[str]:
     """The texts of one task item: the prompt, each choice or target, and the prompt joined to each."""
+
     def text(x: Any) -> str | None:
         return x if isinstance(x, str) and x.strip() else None
 
@@ -138,7 +139,9 @@ def prepare_index(cfg: dict, work: Path) -> dict:
         return cfg
     tasks = list(section.get("tasks") or [])
     if not tasks:
-        raise ValueError("filters.decontaminate.tasks is empty: name the lm-eval tasks to decontaminate against")
+        raise ValueError(
+            "filters.decontaminate.tasks is empty: name the lm-eval tasks to decontaminate against"
+        )
     index = build_index(
         tasks, section.get("include_path"), int(section.get("ngram", 13)), int(section.get("min_words", 8))
     )
@@ -154,7 +157,7 @@ def prepare_index(cfg: dict, work: Path) -> dict:
 
 
 class DecontaminateFilter(Filter):
-    """Drops a document containing an n-gram of an evaluation task's items (reason ``decontaminate:<task>``)."""
+    """Drops a document holding an n-gram of an eval task's items (reason ``decontaminate:<task>``)."""
 
     name = "decontaminate"
 
@@ -170,7 +173,9 @@ class DecontaminateFilter(Filter):
     ) -> None:
         super().__init__(**kwargs)
         if index is None:
-            raise ValueError("filters.decontaminate needs its index: run it through python -m llmforge.prepare")
+            raise ValueError(
+                "filters.decontaminate needs its index: run it through python -m llmforge.prepare"
+            )
         with np.load(index) as data:
             self.hashes = data["hashes"]
             self.task = data["task"]
