@@ -266,3 +266,33 @@ def test_decontamination_filter_matches_windows_and_short_items(tmp_path):
         "decontaminate:short",
     )
     assert f.filter(doc("alpha beta gamma delta epsilon zeta eta")) == (True, None)
+
+
+# -- in-loop downstream evaluation ----------------------------------------------------------------------
+def test_downstream_callback_logs_eval_scores_and_leaves_training_unchanged(train_cfg, tasks_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ["debug=fast", "trainer.max_steps=4", "logger=tensorboard", "callbacks.sample_text=null"]
+    on = [
+        "callbacks.downstream.enabled=true",
+        "callbacks.downstream.tasks=[tiny_mc,tiny_rolling]",
+        f"callbacks.downstream.include_path={tasks_dir}",
+        "callbacks.downstream.every_n_steps=2",
+    ]
+    with_eval = run(train_cfg(*common, *on, run_dir=tmp_path / "on"))
+    without = run(train_cfg(*common, run_dir=tmp_path / "off"))
+    assert with_eval.metrics["train/loss"] == without.metrics["train/loss"]
+    events = EventAccumulator(str(tmp_path / "on" / "tb")).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"eval/tiny_mc/acc", "eval/tiny_rolling/bits_per_byte", "eval/seconds"} <= set(tags)
+    assert [e.step for e in events.Scalars("eval/tiny_mc/acc")] == [0, 2, 4]
+    acc = [e.value for e in events.Scalars("eval/tiny_mc/acc")]
+    assert all(0.0 <= a <= 1.0 for a in acc)
+    bpb = [e.value for e in events.Scalars("eval/tiny_rolling/bits_per_byte")]
+    assert bpb[0] != bpb[-1]  # the weights changed between the calls
+
+
+def test_downstream_callback_refuses_non_causal_objectives(train_cfg, tmp_path):
+    cfg = train_cfg("objective=mlm", "debug=fast", "callbacks.downstream.enabled=true", run_dir=tmp_path / "m")
+    with pytest.raises(ValueError, match="needs objective=clm"):
+        run(cfg)
