@@ -293,6 +293,8 @@ def test_downstream_callback_logs_eval_scores_and_leaves_training_unchanged(trai
 
 
 def test_downstream_callback_refuses_non_causal_objectives(train_cfg, tmp_path):
-    cfg = train_cfg("objective=mlm", "debug=fast", "callbacks.downstream.enabled=true", run_dir=tmp_path / "m")
+    cfg = train_cfg(
+        "objective=mlm", "debug=fast", "callbacks.downstream.enabled=true", run_dir=tmp_path / "m"
+    )
     with pytest.raises(ValueError, match="needs objective=clm"):
         run(cfg)

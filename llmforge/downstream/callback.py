@@ -59,7 +59,9 @@ class DownstreamEval(L.Callback):
                 "callbacks.downstream.enabled=true needs lm-eval: pip install -e '.[eval]'"
             ) from None
         if getattr(pl_module.model, "causal", False) is not True:
-            raise ValueError("callbacks.downstream scores left-to-right continuations: it needs objective=clm")
+            raise ValueError(
+                "callbacks.downstream scores left-to-right continuations: it needs objective=clm"
+            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.enabled and self.at_start and trainer.global_step == 0:
