@@ -298,3 +298,15 @@ def test_downstream_callback_refuses_non_causal_objectives(train_cfg, tmp_path):
     )
     with pytest.raises(ValueError, match="needs objective=clm"):
         run(cfg)
+
+
+def test_the_base_install_does_not_import_lm_eval():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, llmforge.prep.filters, llmforge.prep.pipeline, llmforge.training, llmforge.generate; "
+        "print('lm_eval' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
