@@ -9,6 +9,10 @@ holds anything but tensors and plain data is refused with one line (it could run
 
 A mixture run (``data=mixture``) is scored on every source's split on its own (loss, ppl, bpb per source),
 and ``loss`` is the sources' losses weighted by their training weights, as the trainer's ``val/loss``.
+
+``tasks=hellaswag,llmforge_stdlib`` scores lm-eval tasks instead (`llmforge.downstream`, needs the ``[eval]``
+extra; ``limit=N`` items per task, ``num_fewshot=K``, ``include_path=DIR`` for task YAMLs of your own):
+lm-eval's table, and its JSON in ``<run dir>/eval/<checkpoint>-lm_eval.json``.
 """
 
 from __future__ import annotations
@@ -51,19 +55,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "trainer.limit_val_batches": "limit_batches",
         "limit_val_batches": "limit_batches",
         "precision": "precision",
+        "tasks": "tasks",
+        "limit": "limit",
+        "num_fewshot": "num_fewshot",
+        "include_path": "include_path",
     }
-    args.seq_len = None
+    args.seq_len = args.tasks = args.limit = args.num_fewshot = args.include_path = None
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep or key not in keys:
             p.error(f"{item!r}: expected key=value with key one of {', '.join(keys)}")
         name = keys[key]
-        setattr(args, name, int(value) if name in ("batch_size", "seq_len", "limit_batches") else value)
+        ints = ("batch_size", "seq_len", "limit_batches", "limit", "num_fewshot")
+        setattr(args, name, int(value) if name in ints else value)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.tasks:
+        from llmforge.downstream.harness import evaluate_checkpoint
+
+        options = dict(limit=args.limit, num_fewshot=args.num_fewshot, include_path=args.include_path)
+        return evaluate_checkpoint(
+            args.checkpoint, args.tasks.split(","), **options, device=args.device,
+            batch_size=args.batch_size or 32, out=args.out,
+        )  # fmt: skip
     try:
         file = checkpoint_file(args.checkpoint)
         run_cfg = run_config(file)

@@ -148,7 +148,7 @@ def test_loglikelihood_matches_a_direct_forward(ckpts):
 
 
 def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(ckpts, tasks_dir):
-    from llmforge.generate import generate_ids
+    from llmforge.inference import generate_ids
 
     lm = LlmforgeLM(checkpoint=str(ckpts["clm"]), batch_size=2)
     results = run_tasks(lm, ["tiny_gen"], include_path=tasks_dir, log_samples=True)
@@ -310,3 +310,16 @@ def test_the_base_install_does_not_import_lm_eval():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_evaluate_cli_scores_tasks_and_warns_about_contamination(ckpts, tasks_dir, tmp_path, capsys):
+    from llmforge.evaluate import main
+
+    out = tmp_path / "r.json"
+    args = [str(ckpts["clm"]), "tasks=tiny_mc", f"include_path={tasks_dir}", "limit=2", f"--out={out}"]
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    assert "tiny_mc" in printed.out and "acc" in printed.out
+    assert json.loads(out.read_text())["results"]["tiny_mc"]["acc,none"] in (0.0, 0.5, 1.0)
+    # tiny_data was prepared without decontamination: every task gets its warning line
+    assert "warning: tiny_mc: the training data" in printed.err

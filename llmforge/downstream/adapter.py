@@ -38,7 +38,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from llmforge.generate import DTYPES, LoadedModel, Sampling, generate_ids, load_model
+from llmforge.checkpoints import LoadedModel, load_model
+from llmforge.inference import DTYPES, Sampling, generate_ids
 
 DEFAULT_MAX_GEN_TOKS = 256
 log = logging.getLogger(__name__)

@@ -88,9 +88,9 @@ class DownstreamEval(L.Callback):
 
     @torch.no_grad()
     def scores(self, pl_module: L.LightningModule) -> dict[str, float]:
+        from llmforge.checkpoints import LoadedModel
         from llmforge.downstream.adapter import LlmforgeLM
         from llmforge.downstream.harness import run_tasks, scores
-        from llmforge.generate import LoadedModel
 
         model = pl_module.model
         model = getattr(model, "_orig_mod", model)

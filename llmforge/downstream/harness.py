@@ -84,3 +84,59 @@ def write_json(results: dict[str, Any], path: Path) -> Path:
     }
     path.write_text(json.dumps(keep, indent=2, default=str) + "\n")
     return path
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    tasks: Sequence[str],
+    *,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    include_path: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 32,
+    out: str | Path | None = None,
+) -> int:
+    """``python -m llmforge.evaluate CKPT tasks=...``: print lm-eval's table, write its JSON, warn about tasks
+    the training data was not decontaminated against. Returns the exit status."""
+    import sys
+
+    from llmforge.checkpoints import checkpoint_file
+    from llmforge.downstream.adapter import LlmforgeLM
+
+    try:
+        lm = LlmforgeLM(checkpoint=str(checkpoint), device=device, batch_size=batch_size)
+        for line in contamination_warnings(lm.lm.hparams, checkpoint, tasks):
+            print(f"warning: {line}", file=sys.stderr)
+        results = run_tasks(lm, tasks, limit=limit, num_fewshot=num_fewshot, include_path=include_path)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(table(results))
+    path = Path(checkpoint)
+    if out is None:
+        file = checkpoint_file(path) if not (path.is_dir() and (path / "config.json").is_file()) else path
+        run_dir = file.parent.parent if file.parent.name == "checkpoints" else file.parent
+        out = run_dir / "eval" / f"{file.stem}-lm_eval.json"
+    print(f"-> {write_json(results, Path(out))}")
+    return 0
+
+
+def contamination_warnings(hparams: dict, checkpoint: str | Path, tasks: Sequence[str]) -> list[str]:
+    """One line per task the checkpoint's training data was not decontaminated against (data manifest's
+    ``source.decontaminated_against``; no line when the data directory is not found)."""
+    from llmforge.prep.decontaminate import read_tasks
+
+    data = (hparams.get("data") or {}).get("path")
+    if not data:
+        return []
+    candidates = [Path(data)] + [p / data for p in Path(checkpoint).resolve().parents[:4]]
+    done = next((t for t in (read_tasks(c) for c in candidates) if t is not None), None)
+    if done is None:
+        return []
+    return [
+        f"{task}: the training data ({data}) was not decontaminated against it "
+        "(python -m llmforge.prepare filters.decontaminate.tasks=[...])"
+        for task in tasks
+        if task not in done
+    ]
