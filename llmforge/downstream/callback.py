@@ -12,6 +12,7 @@ exactly as one without it. Causal models only (lm-eval's request types).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,6 +100,8 @@ class DownstreamEval(L.Callback):
         )
         was_training = model.training
         model.eval()
+        quiet = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"  # lm-eval's per-call progress bars would flood the training log
         try:
             results = run_tasks(
                 LlmforgeLM.from_loaded(loaded, self.batch_size),
@@ -109,6 +112,10 @@ class DownstreamEval(L.Callback):
             )
         finally:
             model.train(was_training)
+            if quiet is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = quiet
         return scores(results)
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:

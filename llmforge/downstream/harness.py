@@ -8,6 +8,7 @@ task YAMLs (for example a task whose ``dataset_path: json`` reads local ``data_f
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,14 +17,26 @@ from typing import Any
 from llmforge.downstream import TASKS_DIR
 
 
-def task_manager(include_path: str | Path | Sequence[str | Path] | None = None) -> Any:
-    from lm_eval.tasks import TaskManager
-
+def task_manager(
+    include_path: str | Path | Sequence[str | Path] | None = None, tasks: Sequence[str] | None = None
+) -> Any:
+    """lm-eval's task index over llmforge's shipped tasks, ``include_path`` and (unless every one of ``tasks``
+    is found in those) lm-eval's own ~14k task files, whose indexing costs seconds: kept per process."""
     paths = [str(TASKS_DIR)]
     if include_path:
         extra = [include_path] if isinstance(include_path, (str, Path)) else list(include_path)
         paths += [str(p) for p in extra]
-    return TaskManager(include_path=paths)
+    local = _task_manager(tuple(paths), False)
+    if tasks is not None and set(tasks) <= set(local.all_tasks):
+        return local
+    return _task_manager(tuple(paths), True)
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(paths: tuple[str, ...], include_defaults: bool) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths), include_defaults=include_defaults)
 
 
 def run_tasks(
@@ -46,7 +59,7 @@ def run_tasks(
         tasks=list(tasks),
         limit=limit,
         num_fewshot=num_fewshot,
-        task_manager=task_manager(include_path),
+        task_manager=task_manager(include_path, tasks),
         log_samples=log_samples,
         bootstrap_iters=0,
         random_seed=None,
@@ -65,7 +78,8 @@ def scores(results: dict[str, Any]) -> dict[str, float]:
     for task, metrics in (results.get("results") or {}).items():
         for key, value in metrics.items():
             metric = key.split(",")[0]
-            if metric == "alias" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            skip = metric in ("alias", "sample_len") or metric.endswith("_stderr")
+            if skip or not isinstance(value, (int, float)):
                 continue
             out[f"{task}/{metric}"] = float(value)
     return out

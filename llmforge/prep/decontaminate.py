@@ -104,7 +104,7 @@ def build_index(
     hasher = _WordHasher()
     names: list[str] = []
     rows: dict[int, list[tuple[np.ndarray, int]]] = {}
-    for name, task in leaf_tasks(get_task_dict(list(tasks), task_manager(include_path))):
+    for name, task in leaf_tasks(get_task_dict(list(tasks), task_manager(include_path, tasks))):
         names.append(str(name))
         t = len(names) - 1
         for doc in task.eval_docs:
