@@ -21,6 +21,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from llmforge.callbacks.sample_text import _fsdp2_root
+
 log = logging.getLogger(__name__)
 
 
@@ -119,8 +121,6 @@ class DownstreamEval(L.Callback):
         return scores(results)
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        from llmforge.sampling import _fsdp2_root
-
         self._last_step = step
         sharded = _fsdp2_root(pl_module.model)
         if sharded is None and not trainer.is_global_zero:
