@@ -37,7 +37,9 @@ def requests(n_items: int) -> tuple[list[Instance], list[Instance]]:
         for i, item in enumerate(items)
         for choice in item["choices"]
     ]
-    rolling = [Instance("loglikelihood_rolling", {}, (item["question"] * 8,), i) for i, item in enumerate(items)]
+    rolling = [
+        Instance("loglikelihood_rolling", {}, (item["question"] * 8,), i) for i, item in enumerate(items)
+    ]
     return ll, rolling
 
 
