@@ -193,7 +193,7 @@ def test_lm_eval_command_line_with_the_llmforge_model(ckpts, tasks_dir, tmp_path
 
 
 # -- decontamination -----------------------------------------------------------------------------------
-def test_decontamination_drops_a_planted_task_item_and_counts_it_per_task(tasks_dir, tmp_path):
+def test_decontamination_drops_a_planted_task_item_and_counts_it_per_task(tasks_dir, tmp_path, capsys):
     from llmforge.prep.text import stdlib_documents
 
     item = MC_ITEMS[0]
@@ -226,7 +226,19 @@ def test_decontamination_drops_a_planted_task_item_and_counts_it_per_task(tasks_
     assert "decontaminate:tiny_rolling" not in text
     sample = out / "dropped" / "decontaminate" / "decontaminate_tiny_mc.jsonl"
     assert sample.is_file() and "leak.txt" in sample.read_text()
-    assert manifest["source"]["funnel"]["decontaminate"]["dropped"] == 1
+    assert manifest["source"]["funnel"]["decontaminate"]["dropped"] == {"decontaminate:tiny_mc": 1}
+    # the run trained on it records the tasks; evaluate warns only about the task it was not cleaned for
+    cfg = compose_train(
+        [f"data.path={out}", f"run_dir={tmp_path / 'run'}", "model=tiny", "debug=fast", "trainer.max_steps=1"]
+    )
+    ckpt = run(cfg).last_checkpoint
+    recorded = json.loads((tmp_path / "run" / "run_manifest.json").read_text())
+    assert recorded["data"]["decontaminated_against"] == ["tiny_mc", "tiny_rolling"]
+    from llmforge.evaluate import main
+
+    assert main([str(ckpt), "tasks=tiny_mc,tiny_gen", f"include_path={tasks_dir}", "limit=1"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: tiny_gen: the training data" in err and "tiny_mc:" not in err
 
 
 def test_decontamination_filter_matches_windows_and_short_items(tmp_path):

@@ -115,7 +115,6 @@ def evaluate_checkpoint(
     the training data was not decontaminated against. Returns the exit status."""
     import sys
 
-    from llmforge.checkpoints import checkpoint_file
     from llmforge.downstream.adapter import LlmforgeLM
 
     try:
@@ -127,27 +126,47 @@ def evaluate_checkpoint(
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(table(results))
-    path = Path(checkpoint)
     if out is None:
-        file = checkpoint_file(path) if not (path.is_dir() and (path / "config.json").is_file()) else path
-        run_dir = file.parent.parent if file.parent.name == "checkpoints" else file.parent
+        file, run_dir = files_of(checkpoint)
         out = run_dir / "eval" / f"{file.stem}-lm_eval.json"
     print(f"-> {write_json(results, Path(out))}")
     return 0
 
 
-def contamination_warnings(hparams: dict, checkpoint: str | Path, tasks: Sequence[str]) -> list[str]:
-    """One line per task the checkpoint's training data was not decontaminated against (data manifest's
-    ``source.decontaminated_against``; no line when the data directory is not found)."""
+def files_of(checkpoint: str | Path) -> tuple[Path, Path]:
+    """The checkpoint file (or exported directory) and the run directory it belongs to."""
+    from llmforge.checkpoints import checkpoint_file
+
+    path = Path(checkpoint)
+    file = path if path.is_dir() and (path / "config.json").is_file() else checkpoint_file(path)
+    run_dir = file.parent.parent if file.parent.name == "checkpoints" else file.parent
+    return file, run_dir
+
+
+def decontaminated_tasks(hparams: dict, checkpoint: str | Path) -> list[str] | None:
+    """The tasks the checkpoint's training data was decontaminated against: the run manifest's
+    ``data.decontaminated_against``, else the data manifest's (None: neither is found)."""
     from llmforge.prep.decontaminate import read_tasks
 
+    manifest = files_of(checkpoint)[1] / "run_manifest.json"
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text()).get("data", {}).get("decontaminated_against")
+        if recorded is not None:
+            return list(recorded)
     data = (hparams.get("data") or {}).get("path")
     if not data:
-        return []
+        return None
     candidates = [Path(data)] + [p / data for p in Path(checkpoint).resolve().parents[:4]]
-    done = next((t for t in (read_tasks(c) for c in candidates) if t is not None), None)
+    return next((t for t in (read_tasks(c) for c in candidates) if t is not None), None)
+
+
+def contamination_warnings(hparams: dict, checkpoint: str | Path, tasks: Sequence[str]) -> list[str]:
+    """One line per task the checkpoint's training data was not decontaminated against (no line when
+    neither the run manifest nor the data manifest is found)."""
+    done = decontaminated_tasks(hparams, checkpoint)
     if done is None:
         return []
+    data = (hparams.get("data") or {}).get("path")
     return [
         f"{task}: the training data ({data}) was not decontaminated against it "
         "(python -m llmforge.prepare filters.decontaminate.tasks=[...])"
