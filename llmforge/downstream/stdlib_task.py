@@ -2,7 +2,8 @@
 
 Every machine has Python's standard library, and the demo crawl is made of its documentation, so a model
 trained on the demo has seen each module's page listing its functions. An item asks for the module of one
-function, with four choices (the right module and three others that have no attribute of that name)::
+function, with four choices (the right module and three others that have no attribute of that name, drawn as
+often as each module is a right answer, so knowing only which module names are common gives chance)::
 
     The function dumps() is defined in the Python module   ->  json | shlex | glob | ftplib
 
@@ -60,9 +61,16 @@ def make_items(functions: dict[str, list[str]], n: int = 300, seed: int = 0) -> 
             owners.setdefault(fn, set()).add(module)
     pairs = [(m, fn) for m in modules for fn in functions[m] if len(owners[fn]) == 1]
     rng.shuffle(pairs)
+    # distractors come from the answers' own distribution (a module as often as it owns a function), so a
+    # model that only knows which module names are common scores chance
+    weights = [sum(len(owners[fn]) == 1 for fn in functions[m]) for m in modules]
     items = []
     for module, fn in pairs[:n]:
-        others = rng.sample([m for m in modules if m != module], 3)
+        others: list[str] = []
+        while len(others) < 3:
+            pick = rng.choices(modules, weights)[0]
+            if pick != module and pick not in others:
+                others.append(pick)
         choices = [module, *others]
         rng.shuffle(choices)
         items.append(
