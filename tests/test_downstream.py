@@ -335,3 +335,22 @@ def test_evaluate_cli_scores_tasks_and_warns_about_contamination(ckpts, tasks_di
     assert json.loads(out.read_text())["results"]["tiny_mc"]["acc,none"] in (0.0, 0.5, 1.0)
     # tiny_data was prepared without decontamination: every task gets its warning line
     assert "warning: tiny_mc: the training data" in printed.err
+
+
+def test_stdlib_items_draw_distractors_from_the_answers_distribution():
+    from collections import Counter
+
+    from llmforge.downstream.stdlib_task import make_items
+
+    functions = {"big": [f"f{i}" for i in range(90)], "mid": ["g1", "g2", "g3", "g4", "g5", "g6", "g7", "g8"]}
+    functions |= {f"m{i}": [f"h{i}"] for i in range(6)}
+    items = make_items(functions, n=100, seed=1)
+    assert len(items) == 100
+    for item in items:
+        fn = item["question"].split()[2][:-2]
+        assert len(set(item["choices"])) == 4 and fn in functions[item["choices"][item["answer"]]]
+    # the module that owns most functions is most often right, and also a distractor in nearly every item
+    # it does not answer (uniform distractors would name it in ~3 of 7): no prior over names helps
+    right = Counter(i["choices"][i["answer"]] for i in items)
+    others = [i for i in items if i["choices"][i["answer"]] != "big"]
+    assert right["big"] > 70 and sum("big" in i["choices"] for i in others) >= len(others) - 2
