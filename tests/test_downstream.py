@@ -278,6 +278,14 @@ def test_decontamination_filter_matches_windows_and_short_items(tmp_path):
         "decontaminate:short",
     )
     assert f.filter(doc("alpha beta gamma delta epsilon zeta eta")) == (True, None)
+    # the filter's prefix-sum hashes equal the index's window hashes bit for bit
+    from llmforge.prep.decontaminate import _Powers, all_window_hashes
+
+    rng = np.random.default_rng(0)
+    for length in (0, 7, 8, 13, 500):
+        wh = rng.integers(0, 2**63, length, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        got = all_window_hashes(wh, (8, 13), _Powers())
+        assert all(np.array_equal(got[n], window_hashes(wh, n)) for n in (8, 13))
 
 
 # -- in-loop downstream evaluation ----------------------------------------------------------------------
@@ -337,20 +345,18 @@ def test_evaluate_cli_scores_tasks_and_warns_about_contamination(ckpts, tasks_di
     assert "warning: tiny_mc: the training data" in printed.err
 
 
-def test_stdlib_items_draw_distractors_from_the_answers_distribution():
-    from collections import Counter
-
+def test_stdlib_items_hold_the_description_and_three_neighbour_swaps():
     from llmforge.downstream.stdlib_task import make_items
 
-    functions = {"big": [f"f{i}" for i in range(90)], "mid": ["g1", "g2", "g3", "g4", "g5", "g6", "g7", "g8"]}
-    functions |= {f"m{i}": [f"h{i}"] for i in range(6)}
-    items = make_items(functions, n=100, seed=1)
-    assert len(items) == 100
+    descriptions = {f"f{i}()": f"Return the number {i} of the given list." for i in range(40)}
+    descriptions["short()"] = "Too short to swap."
+    items = make_items(descriptions, n=30, seed=1)
+    assert len(items) == 30 and all(i["question"] != "short()" for i in items)
     for item in items:
-        fn = item["question"].split()[2][:-2]
-        assert len(set(item["choices"])) == 4 and fn in functions[item["choices"][item["answer"]]]
-    # the module that owns most functions is most often right, and also a distractor in nearly every item
-    # it does not answer (uniform distractors would name it in ~3 of 7): no prior over names helps
-    right = Counter(i["choices"][i["answer"]] for i in items)
-    others = [i for i in items if i["choices"][i["answer"]] != "big"]
-    assert right["big"] > 70 and sum("big" in i["choices"] for i in others) >= len(others) - 2
+        right = item["choices"][item["answer"]]
+        assert right == descriptions[item["question"]] and len(set(item["choices"])) == 4
+        for choice in item["choices"]:
+            a, b = right.split(), choice.split()
+            diff = [k for k in range(len(a)) if a[k] != b[k]]
+            assert sorted(a) == sorted(b) and (diff == [] or (len(diff) == 2 and diff[1] == diff[0] + 1))
+    assert len({i["answer"] for i in items}) == 4  # the right answer's position is shuffled

@@ -1,15 +1,19 @@
-"""The shipped offline task ``llmforge_stdlib``: which standard-library module defines a function.
+"""The shipped offline task ``llmforge_stdlib``: which of four word orders is how the library writes it.
 
-Every machine has Python's standard library, and the demo crawl is made of its documentation, so a model
-trained on the demo has seen each module's page listing its functions. An item asks for the module of one
-function, with four choices (the right module and three others that have no attribute of that name, drawn as
-often as each module is a right answer, so knowing only which module names are common gives chance)::
+Every machine has Python's standard library, and the demo crawl is made of its documentation: each module's
+page lists its functions as a name followed by the first line of its docstring. An item gives a function's
+name, as the page writes it, and four versions of its description: the real one and three copies with two
+neighbouring words swapped (a test of learnt word order, in the style of BLiMP's minimal pairs)::
 
-    The function dumps() is defined in the Python module   ->  json | shlex | glob | ftplib
+    globals()  ->  Return the dictionary containing the current scope's global variables.
+                 | Return the dictionary containing current the scope's global variables. | ...
 
-Chance is 25%. ``python -m llmforge.downstream.stdlib_task`` rewrites ``tasks/llmforge_stdlib.jsonl`` from
-the running Python (seeded; the file in the repository was made with Python 3.11). The task reads that
-file through ``tasks/llmforge_stdlib.yaml`` (``custom_dataset``), with no download.
+Chance is 25%; the four choices hold the same bytes, so ``acc`` and ``acc_norm`` agree. A model trained on
+the demo has read these lines, so the task measures what the run learnt from its own data (decontaminating
+against it removes those pages: ``filters.decontaminate``). ``python -m llmforge.downstream.stdlib_task``
+rewrites ``tasks/llmforge_stdlib.jsonl`` from the running Python (seeded; the file in the repository was
+made with Python 3.11). The task reads that file through ``tasks/llmforge_stdlib.yaml``
+(``custom_dataset``), with no download.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ from llmforge.downstream import TASKS_DIR
 ITEMS = TASKS_DIR / "llmforge_stdlib.jsonl"
 
 
-def module_functions(max_modules: int | None = None) -> dict[str, list[str]]:
-    """Public functions defined in each importable standard-library module (as the demo renders them)."""
+def function_descriptions(max_modules: int | None = None) -> dict[str, str]:
+    """``name() -> first docstring line`` of the public functions of each importable standard-library
+    module, as the demo's pages render them (names defined in several modules are left out)."""
     from llmforge.prep.demo_warc import stdlib_modules
 
-    out: dict[str, list[str]] = {}
+    seen: dict[str, list[str]] = {}
     for name in stdlib_modules(max_modules):
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -40,46 +45,39 @@ def module_functions(max_modules: int | None = None) -> dict[str, list[str]]:
                 module = __import__(name)
         except Exception:  # noqa: BLE001 — a module that does not import is not in the demo either
             continue
-        names = sorted(
-            attr
-            for attr, obj in vars(module).items()
-            if not attr.startswith("_")
-            and (inspect.isfunction(obj) or inspect.isbuiltin(obj))
-            and getattr(obj, "__module__", None) == name
-        )
-        if names:
-            out[name] = names
-    return out
+        for attr, obj in vars(module).items():
+            if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+                continue
+            if not (inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+                continue
+            first = (inspect.getdoc(obj) or "").strip().split("\n")[0].strip()
+            if len(first.split()) >= 3:
+                seen.setdefault(f"{attr}()", []).append(first)
+    return {fn: lines[0] for fn, lines in sorted(seen.items()) if len(lines) == 1}
 
 
-def make_items(functions: dict[str, list[str]], n: int = 300, seed: int = 0) -> list[dict]:
+def make_items(descriptions: dict[str, str], n: int = 300, seed: int = 0) -> list[dict]:
+    """``n`` items: a function's name, its description as written and three copies with two neighbouring
+    words swapped (descriptions of at least six words, each used once)."""
     rng = random.Random(seed)
-    modules = sorted(functions)
-    owners: dict[str, set[str]] = {}
-    for module, names in functions.items():
-        for fn in names:
-            owners.setdefault(fn, set()).add(module)
-    pairs = [(m, fn) for m in modules for fn in functions[m] if len(owners[fn]) == 1]
-    rng.shuffle(pairs)
-    # distractors come from the answers' own distribution (a module as often as it owns a function), so a
-    # model that only knows which module names are common scores chance
-    weights = [sum(len(owners[fn]) == 1 for fn in functions[m]) for m in modules]
+    usable = sorted({line: fn for fn, line in descriptions.items() if len(line.split()) >= 6}.items())
+    rng.shuffle(usable)
     items = []
-    for module, fn in pairs[:n]:
-        others: list[str] = []
-        while len(others) < 3:
-            pick = rng.choices(modules, weights)[0]
-            if pick != module and pick not in others:
-                others.append(pick)
-        choices = [module, *others]
+    for line, fn in usable:
+        if len(items) == n:
+            break
+        words = line.split()
+        choices = [line]
+        for i in rng.sample(range(len(words) - 1), len(words) - 1):  # swap two neighbouring words
+            swapped = " ".join(words[:i] + [words[i + 1], words[i]] + words[i + 2 :])
+            if swapped not in choices:
+                choices.append(swapped)
+            if len(choices) == 4:
+                break
+        if len(choices) < 4:
+            continue
         rng.shuffle(choices)
-        items.append(
-            {
-                "question": f"The function {fn}() is defined in the Python module",
-                "choices": choices,
-                "answer": choices.index(module),
-            }
-        )
+        items.append({"question": fn, "choices": choices, "answer": choices.index(line)})
     return items
 
 
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ITEMS)
     args = parser.parse_args(argv)
-    items = make_items(module_functions(), args.n, args.seed)
+    items = make_items(function_descriptions(), args.n, args.seed)
     args.out.write_text("".join(json.dumps(item) + "\n" for item in items))
     print(f"{len(items)} items -> {args.out}")
 

@@ -65,6 +65,43 @@ def window_hashes(word_hashes: np.ndarray, n: int) -> np.ndarray:
         return (windows * powers).sum(axis=1, dtype=np.uint64)
 
 
+class _Powers:
+    """``MULT**k`` and ``MULT**-k`` (mod 2**64; the prime is odd, so it has an inverse) for k < length."""
+
+    def __init__(self) -> None:
+        self.up = np.ones(1, dtype=np.uint64)
+        self.down = np.ones(1, dtype=np.uint64)
+
+    def __call__(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.up) < length:
+            size = max(length, 2 * len(self.up))
+            with np.errstate(over="ignore"):
+                self.up = np.multiply.accumulate(
+                    np.r_[np.uint64(1), np.full(size - 1, _MULT)], dtype=np.uint64
+                )
+                inverse = np.uint64(pow(int(_MULT), -1, 1 << 64))
+                self.down = np.multiply.accumulate(
+                    np.r_[np.uint64(1), np.full(size - 1, inverse)], dtype=np.uint64
+                )
+        return self.up[:length], self.down[:length]
+
+
+def all_window_hashes(
+    word_hashes: np.ndarray, sizes: Iterable[int], powers: _Powers
+) -> dict[int, np.ndarray]:
+    """`window_hashes` for several window sizes from one prefix sum: the window of ``n`` words at ``i`` is
+    ``MULT**(i+n-1) * (P[i+n] - P[i])`` with ``P[k] = sum(word_hash[j] * MULT**-j, j < k)`` (mod 2**64), so
+    each size costs O(words) rather than O(n * words). Equal to `window_hashes` bit for bit."""
+    length = len(word_hashes)
+    up, down = powers(length)
+    with np.errstate(over="ignore"):
+        prefix = np.r_[np.uint64(0), np.cumsum(word_hashes * down, dtype=np.uint64)]
+        return {
+            n: up[n - 1 :] * (prefix[n:] - prefix[:-n]) if length >= n else np.zeros(0, dtype=np.uint64)
+            for n in sizes
+        }
+
+
 def item_texts(task: Any, doc: Any) -> list[str]:
     """The texts of one task item: the prompt, each choice or target, and the prompt joined to each."""
 
@@ -185,13 +222,15 @@ class DecontaminateFilter(Filter):
             int(n): (self.hashes[self.sizes == n], self.task[self.sizes == n]) for n in np.unique(self.sizes)
         }
         self.hasher = _WordHasher()
+        self.powers = _Powers()
 
     def filter(self, doc: Document) -> tuple[bool, str | None]:
         if not self.by_size:
             return True, None
         wh = self.hasher(words(doc.text))
+        windows = all_window_hashes(wh, self.by_size, self.powers)
         for n, (hashes, owner) in self.by_size.items():
-            h = window_hashes(wh, n)
+            h = windows[n]
             if not len(h):
                 continue
             pos = np.searchsorted(hashes, h).clip(max=len(hashes) - 1)
