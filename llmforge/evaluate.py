@@ -22,10 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from llmforge.checkpoints import checkpoint_file, load_module
-from llmforge.evaluation import PRECISIONS, evaluate, evaluate_sources, run_config
+from llmforge.evaluation import PRECISIONS, evaluate_run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,30 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size or 32, out=args.out,
         )  # fmt: skip
     try:
-        file = checkpoint_file(args.checkpoint)
-        run_cfg = run_config(file)
-        data = args.data or (run_cfg.get("data") or {}).get("path")
-        module = load_module(file, args.data, args.seq_len)
-        sources = {} if args.data else (module.data_info.get("sources") or {})
-        data = data or module.data_info.get("path")
-        if not data and not sources:
-            raise ValueError("no data directory: pass data=DIR")
-        batch_size = args.batch_size or (run_cfg.get("data") or {}).get("batch_size") or 8
-        precision = args.precision or (run_cfg.get("precision") or {}).get("value") or "32-true"
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        common = {
-            "split": args.split or "val",
-            "batch_size": int(batch_size),
-            "limit_batches": args.limit_batches,
-            "device": device,
-            "precision": precision,
-            "progress": not args.no_progress,
-        }
-        if sources:  # a mixture run: every source on its own, and the weighted loss
-            paths = {name: spec["path"] for name, spec in (run_cfg["data"].get("sources") or {}).items()}
-            result = evaluate_sources(module, {n: paths[n] for n in sources}, sources, **common)
-        else:
-            result = evaluate(module, data, **common)
+        file, result = evaluate_run(
+            args.checkpoint, args.data, seq_len=args.seq_len, split=args.split, batch_size=args.batch_size,
+            limit_batches=args.limit_batches, device=args.device, precision=args.precision,
+            progress=not args.no_progress,
+        )  # fmt: skip
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
