@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "consolidate": ("llmforge.consolidate", "a sharded (FSDP) checkpoint as one file"),
     "tokenizer": ("llmforge.tokenizer", "one tokenizer trained on several prepared datasets (a mixture)"),
     "inspect": ("llmforge.inspect", "the documents every window of a training step came from"),
+    "lm-eval": ("llmforge.lm_eval", "lm-evaluation-harness's command line with --model llmforge"),
 }
 
 

@@ -3,8 +3,9 @@
 ``python -m llmforge.plot RUN_DIR [--out FILE]`` is the command line.
 
 Panels: loss (train and validation), perplexity, gradient norm (before clipping), learning rate, and,
-when the run logged them, tokens/s and MFU; for a mixture, validation loss and bits per byte per source and
-the sources' epochs.
+when the run logged them, tokens/s, MFU and the downstream scores (``eval/<task>/<metric>`` of
+``callbacks.downstream``, one panel); for a mixture, validation loss and bits per byte per source and the
+sources' epochs.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def figure(scalars: dict[str, list[tuple[int, float]]]) -> Figure:
     from matplotlib.figure import Figure
 
     panels = [p for p in PANELS if p[3] or any(tag in scalars for tag in p[1])] + source_panels(scalars)
+    downstream = tuple(sorted(t for t in scalars if t.startswith("eval/") and t != "eval/seconds"))
+    if downstream:
+        panels.append(("downstream (lm-eval)", downstream, "linear", False))
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(4.2 * cols, 3.3 * rows), layout="tight")

@@ -9,6 +9,10 @@ holds anything but tensors and plain data is refused with one line (it could run
 
 A mixture run (``data=mixture``) is scored on every source's split on its own (loss, ppl, bpb per source),
 and ``loss`` is the sources' losses weighted by their training weights, as the trainer's ``val/loss``.
+
+``tasks=hellaswag,llmforge_stdlib`` scores lm-eval tasks instead (`llmforge.downstream`, needs the ``[eval]``
+extra; ``limit=N`` items per task, ``num_fewshot=K``, ``include_path=DIR`` for task YAMLs of your own):
+lm-eval's table, and its JSON in ``<run dir>/eval/<checkpoint>-lm_eval.json``.
 """
 
 from __future__ import annotations
@@ -18,10 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from llmforge.checkpoints import checkpoint_file, load_module
-from llmforge.evaluation import PRECISIONS, evaluate, evaluate_sources, run_config
+from llmforge.evaluation import PRECISIONS, evaluate_run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,44 +52,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "trainer.limit_val_batches": "limit_batches",
         "limit_val_batches": "limit_batches",
         "precision": "precision",
+        "tasks": "tasks",
+        "limit": "limit",
+        "num_fewshot": "num_fewshot",
+        "include_path": "include_path",
     }
-    args.seq_len = None
+    args.seq_len = args.tasks = args.limit = args.num_fewshot = args.include_path = None
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep or key not in keys:
             p.error(f"{item!r}: expected key=value with key one of {', '.join(keys)}")
         name = keys[key]
-        setattr(args, name, int(value) if name in ("batch_size", "seq_len", "limit_batches") else value)
+        ints = ("batch_size", "seq_len", "limit_batches", "limit", "num_fewshot")
+        setattr(args, name, int(value) if name in ints else value)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.tasks:
+        from llmforge.downstream.harness import evaluate_checkpoint
+
+        options = dict(limit=args.limit, num_fewshot=args.num_fewshot, include_path=args.include_path)
+        return evaluate_checkpoint(
+            args.checkpoint, args.tasks.split(","), **options, device=args.device,
+            batch_size=args.batch_size or 32, out=args.out,
+        )  # fmt: skip
     try:
-        file = checkpoint_file(args.checkpoint)
-        run_cfg = run_config(file)
-        data = args.data or (run_cfg.get("data") or {}).get("path")
-        module = load_module(file, args.data, args.seq_len)
-        sources = {} if args.data else (module.data_info.get("sources") or {})
-        data = data or module.data_info.get("path")
-        if not data and not sources:
-            raise ValueError("no data directory: pass data=DIR")
-        batch_size = args.batch_size or (run_cfg.get("data") or {}).get("batch_size") or 8
-        precision = args.precision or (run_cfg.get("precision") or {}).get("value") or "32-true"
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        common = {
-            "split": args.split or "val",
-            "batch_size": int(batch_size),
-            "limit_batches": args.limit_batches,
-            "device": device,
-            "precision": precision,
-            "progress": not args.no_progress,
-        }
-        if sources:  # a mixture run: every source on its own, and the weighted loss
-            paths = {name: spec["path"] for name, spec in (run_cfg["data"].get("sources") or {}).items()}
-            result = evaluate_sources(module, {n: paths[n] for n in sources}, sources, **common)
-        else:
-            result = evaluate(module, data, **common)
+        file, result = evaluate_run(
+            args.checkpoint, args.data, seq_len=args.seq_len, split=args.split, batch_size=args.batch_size,
+            limit_batches=args.limit_batches, device=args.device, precision=args.precision,
+            progress=not args.no_progress,
+        )  # fmt: skip
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -177,3 +177,45 @@ def evaluate_sources(module, sources: dict[str, str | Path], weights: dict[str, 
         "split": first["split"],
         "precision": first["precision"],
     }
+
+
+def evaluate_run(
+    checkpoint: str | Path,
+    data: str | None = None,
+    *,
+    seq_len: int | None = None,
+    split: str | None = None,
+    batch_size: int | None = None,
+    limit_batches: int | None = None,
+    device: str = "cpu",
+    precision: str | None = None,
+    progress: bool = True,
+) -> tuple[Path, dict]:
+    """``python -m llmforge.evaluate``: the checkpoint file and its scores on ``data`` (default: the run's
+    data; a mixture run: every source on its own and the weighted loss), with the run's batch size and
+    precision unless given."""
+    from llmforge.checkpoints import checkpoint_file, load_module
+
+    file = checkpoint_file(checkpoint)
+    run_cfg = run_config(file)
+    path = data or (run_cfg.get("data") or {}).get("path")
+    module = load_module(file, data, seq_len)
+    sources = {} if data else (module.data_info.get("sources") or {})
+    path = path or module.data_info.get("path")
+    if not path and not sources:
+        raise ValueError("no data directory: pass data=DIR")
+    batch_size = batch_size or (run_cfg.get("data") or {}).get("batch_size") or 8
+    precision = precision or (run_cfg.get("precision") or {}).get("value") or "32-true"
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    common = {
+        "split": split or "val",
+        "batch_size": int(batch_size),
+        "limit_batches": limit_batches,
+        "device": device,
+        "precision": precision,
+        "progress": progress,
+    }
+    if sources:
+        paths = {name: spec["path"] for name, spec in (run_cfg["data"].get("sources") or {}).items()}
+        return file, evaluate_sources(module, {n: paths[n] for n in sources}, sources, **common)
+    return file, evaluate(module, path, **common)

@@ -22,9 +22,7 @@ from pathlib import Path
 import torch
 
 from llmforge.checkpoints import OBJECTIVES, load_model
-from llmforge.inference import Sampling, fill_mask, fill_spans, generate_text
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+from llmforge.inference import DTYPES, Sampling, fill_mask, fill_spans, generate_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

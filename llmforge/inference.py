@@ -43,6 +43,9 @@ __all__ = [
 
 
 # -- sampling --------------------------------------------------------------------------------------
+# names of the dtypes a model can run in for inference (--dtype, model_args dtype=)
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
 @dataclass
 class Sampling:
     """temperature <= 0: greedy (argmax). Otherwise logits / temperature, then top-k (0: off) and top-p

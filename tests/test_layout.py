@@ -24,6 +24,7 @@ ENTRY_POINTS = (
     "llmforge.consolidate",
     "llmforge.inspect",
     "llmforge.tokenizer",
+    "llmforge.lm_eval",
     "llmforge.cli",
 )
 MAX_ENTRY_POINT_LINES = 120

@@ -183,6 +183,8 @@ def test_mixture_run_validates_per_source_and_resumes_with_changed_weights(tiny_
     assert scalars["val/loss"][-1][1] == pytest.approx(0.7 * web + 0.3 * code, rel=1e-5)
     manifest = json.loads((run_dir / "run_manifest.json").read_text())["data"]
     assert manifest["sources"]["web"]["weight"] == pytest.approx(0.7)
+    # neither source was decontaminated: `evaluate tasks=...` warns for every task
+    assert manifest["sources"]["code"]["decontaminated_against"] == [] == manifest["decontaminated_against"]
     progress = manifest["progress"]
     assert progress["web"]["windows"] + progress["code"]["windows"] == 12
     assert progress["web"]["tokens"] == progress["web"]["windows"] * 32

@@ -69,3 +69,16 @@ def test_cli_writes_the_png(run_dir, tmp_path):
     assert plot(run_dir) == run_dir / "curves.png"
     with pytest.raises(FileNotFoundError, match="no train/loss"):
         plot(tmp_path)
+
+
+def test_downstream_scores_get_their_own_panel():
+    from llmforge.curves import figure
+
+    scalars = {
+        "train/loss": [(0, 3.0), (1, 2.0)],
+        "eval/llmforge_stdlib/acc": [(0, 0.25), (100, 0.4)],
+        "eval/seconds": [(0, 2.0)],
+    }
+    axes = {ax.get_title(): ax for ax in figure(scalars).axes}
+    labels = [line.get_label() for line in axes["downstream (lm-eval)"].get_lines()]
+    assert labels == ["eval/llmforge_stdlib/acc"]

@@ -6,12 +6,14 @@
   (`StabilityGuard`, `DivergenceError`, `checkpoint_steps`);
 - `manifest`: the run manifest and the hyperparameters in TensorBoard (`RunManifest`);
 - `sample_indices`: the windows each rank trains on (`SampleIndexRecorder`, for checks and tests);
-- `sample_text`: what the model writes while it trains, in TensorBoard (`SampleText`).
+- `sample_text`: what the model writes while it trains, in TensorBoard (`SampleText`);
+- `downstream`: lm-eval tasks on the training model every N steps (`DownstreamEval`, off by default).
 
 Every callback is importable from here (``_target_: llmforge.callbacks.<Name>`` in ``conf/callbacks/``).
 TensorBoard tags and their meaning are listed in docs/monitoring.md.
 """
 
+from llmforge.callbacks.downstream import DownstreamEval
 from llmforge.callbacks.grad_norm import GradNorm, total_grad_norm
 from llmforge.callbacks.manifest import (
     HPARAM_METRICS,
@@ -35,6 +37,7 @@ __all__ = [
     "PEAK_BF16_FLOPS",
     "POLICIES",
     "DivergenceError",
+    "DownstreamEval",
     "GradNorm",
     "RunManifest",
     "SampleIndexRecorder",

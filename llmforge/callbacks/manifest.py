@@ -50,13 +50,21 @@ def versions() -> dict[str, str | None]:
 
 
 def run_manifest(data_path: str | Path | None) -> dict:
+    from llmforge.prep.decontaminate import read_tasks
+
+    # a mixture (data_path None): `llmforge.data.mixture.MixtureMonitor` adds data.sources
+    data = {}
+    if data_path:
+        data = {
+            "path": str(Path(data_path).resolve()),
+            "manifest_sha256": manifest_sha256(data_path),
+            # the eval tasks the data stage removed overlapping documents for (None: no data manifest)
+            "decontaminated_against": read_tasks(data_path),
+        }
     return {
         "git": git_commit(),
         "versions": versions(),
-        # a mixture (data_path None): `llmforge.data.mixture.MixtureMonitor` adds data.sources
-        "data": {"path": str(Path(data_path).resolve()), "manifest_sha256": manifest_sha256(data_path)}
-        if data_path
-        else {},
+        "data": data,
         "argv": sys.argv,
         "host": platform.node(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

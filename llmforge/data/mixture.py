@@ -385,7 +385,7 @@ class MixtureMonitor(L.Callback):
             pl_module.log(f"data/{name}/epoch", float(p["epochs"]))
             pl_module.log(f"data/{name}/tokens", float(p["tokens"]))
 
-    def _update_manifest(self, trainer, key: str, value: dict) -> None:
+    def _update_manifest(self, trainer, key: str, value: dict | list) -> None:
         if not trainer.is_global_zero:
             return
         path = self.run_dir / "run_manifest.json"
@@ -397,6 +397,8 @@ class MixtureMonitor(L.Callback):
         path.write_text(json.dumps(manifest, indent=2) + "\n")
 
     def on_fit_start(self, trainer, pl_module):
+        from llmforge.prep.decontaminate import read_tasks
+
         dm = trainer.datamodule
         sources = {
             s.name: {
@@ -405,10 +407,14 @@ class MixtureMonitor(L.Callback):
                 "manifest_sha256": manifest_sha256(s.path),
                 "train_windows": len(s.train),
                 "train_tokens": s.train.total,
+                "decontaminated_against": read_tasks(s.path),
             }
             for s in dm.sources
         }
         self._update_manifest(trainer, "sources", sources)
+        # the eval tasks every source was decontaminated against (what `evaluate tasks=...` checks)
+        cleaned = [set(s["decontaminated_against"] or ()) for s in sources.values()]
+        self._update_manifest(trainer, "decontaminated_against", sorted(set.intersection(*cleaned)))
 
     def on_train_end(self, trainer, pl_module):
         self._update_manifest(trainer, "progress", self.progress(trainer.datamodule))

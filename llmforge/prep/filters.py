@@ -17,6 +17,7 @@ config key         class                 defaults                               
 ``gopher_quality`` `GopherQualityFilter` Gopher's quality rules (below)                    ~0.5 ms
 ``repetition``     `RepetitionFilter`    Gopher's repetition thresholds (below)            ~1 ms
 ``c4``             `C4LineFilter`        C4's line rules; OFF by default; edits the text   ~0.3 ms
+``decontaminate``  `DecontaminateFilter` OFF by default; 13-grams of eval tasks' items     ~0.1 ms
 =================  ====================  ================================================  ===============
 
 With the Rust backend, language detection costs less than the repetition measures, and on a real crawl it
@@ -74,6 +75,7 @@ from typing import Any
 import numpy as np
 
 from llmforge.prep import cache
+from llmforge.prep.decontaminate import DecontaminateFilter
 from llmforge.prep.document import Document
 from llmforge.prep.step import Filter, PipelineStep
 
@@ -821,10 +823,11 @@ FILTERS: dict[str, type[PipelineStep]] = {
     "gopher_quality": GopherQualityFilter,
     "repetition": RepetitionFilter,
     "c4": C4LineFilter,
+    "decontaminate": DecontaminateFilter,  # llmforge/prep/decontaminate.py; last: counts what would be kept
 }
 # cheapest first; language before the Gopher rules, which then know each document's language (stop words)
 FILTER_ORDER = tuple(FILTERS)
-ENABLED_BY_DEFAULT = {key: key != "c4" for key in FILTER_ORDER}
+ENABLED_BY_DEFAULT = {key: key not in ("c4", "decontaminate") for key in FILTER_ORDER}
 
 
 def _plain(value: Any) -> Any:

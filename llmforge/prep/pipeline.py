@@ -642,6 +642,7 @@ def finalize(
         },
         "dedup": {k: dedup.get(k) for k in ("docs_in", "docs_out", "exact_dropped", "near_dropped")},
         "reader": {k: totals["reader"][k] for k in ("records", "documents", "skipped")},
+        "decontaminated_against": decontaminated_against(cfg),
     }
     if (cfg.get("tokenizer") or {}).get("path"):  # reused, not trained here
         source["tokenizer"] = {"reused": str(Path(cfg["tokenizer"]["path"]).resolve())}
@@ -654,6 +655,11 @@ def finalize(
         source=source,
         config_hash=digest(result_config(cfg)),
     )
+
+
+def decontaminated_against(cfg: dict) -> list[str]:
+    section = (cfg.get("filters") or {}).get("decontaminate") or {}
+    return list(section.get("tasks") or []) if section.get("enabled", False) else []
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -696,6 +702,9 @@ def run_pipeline(cfg: dict, inputs: list[str], out_dir: Path, executor) -> dict:
     if (out / MANIFEST).exists():
         (out / MANIFEST).unlink()  # the manifest marks a complete dataset: remove it while we change it
     n = len(sources)
+    from llmforge.prep.decontaminate import prepare_index
+
+    cfg = prepare_index(cfg, work)
     process_stats = executor.map(
         process_shard,
         [(cfg, str(work), i, s) for i, s in enumerate(sources)],
