@@ -713,14 +713,24 @@ def check_resume_fits(module: nn.Module, path: str | os.PathLike) -> None:
             f"{p}: optimizer_states has parameter groups of sizes {sizes}, this run's optimizer "
             f"{[len(g['params']) for g in groups]}"
         )
+    # a saved id names the parameter at the same place of the groups (as `Optimizer.load_state_dict` reads
+    # it): ids are group order in a trainer's checkpoint, model order in a consolidated one
+    by_id = dict(enumerate(params))
+    if sizes:
+        by_id = {
+            i: q
+            for g, ours in zip(saved["param_groups"], groups, strict=True)
+            for i, q in zip(g["params"], ours["params"], strict=True)
+        }
     for index, state in (saved.get("state") or {}).items():
-        if not isinstance(index, int) or not 0 <= index < len(params):
+        if index not in by_id:
             raise ValueError(f"{p}: optimizer state for parameter {index!r}, this run has {len(params)}")
+        param = by_id[index]
         for name, value in state.items():
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape != params[index].shape:
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
                 raise ValueError(
-                    f"{p}: optimizer state {name} of {names.get(id(params[index]), index)} has shape "
-                    f"{tuple(value.shape)} there, {tuple(params[index].shape)} in this run's model"
+                    f"{p}: optimizer state {name} of {names.get(id(param), index)} has shape "
+                    f"{tuple(value.shape)} there, {tuple(param.shape)} in this run's model"
                 )
 
 

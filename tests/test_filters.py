@@ -597,7 +597,7 @@ def test_build_filters_args_enable_and_order_independent_of_dict_order():
 
 
 def test_build_filters_custom_order():
-    order = ["language", "word_count", "alnum", "gopher_quality", "repetition", "c4"]
+    order = ["language", "word_count", "alnum", "gopher_quality", "repetition", "c4", "decontaminate"]
     assert [s.name for s in build_filters({}, order=order)][:2] == ["language", "word_count"]
     with pytest.raises(ValueError, match="order"):
         build_filters({}, order=["language", "word_count"])

@@ -345,7 +345,7 @@ def test_fsdp_run_samples_then_consolidated_checkpoint_generates_and_evaluates(t
     rank 0 writes; the sharded checkpoint is refused with the consolidate command, the consolidated one
     generates and evaluates."""
     from tests.conftest import run_cli
-    from tests.test_sampling import text_events
+    from tests.test_sample_text import text_events
 
     proc = run_cli(
         "llmforge.train", "strategy=fsdp", "hardware.devices=2", "debug=fast", "trainer.max_steps=2",

@@ -46,15 +46,22 @@ def test_launcher_has_one_task_per_rank_and_gpus_only_on_gpus():
 
 
 def test_restarted_job_resumes_from_last_whatever_resume_says(train_cfg, tmp_path, monkeypatch):
+    import torch
+
     ckpt_dir = tmp_path / "checkpoints"
     ckpt_dir.mkdir()
-    (ckpt_dir / "step0000004.ckpt").write_bytes(b"x")
     cfg = train_cfg()  # resume=None: a fresh run must not find checkpoints
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert resolve_resume(cfg, ckpt_dir) is None  # requeued before anything was saved: the first start
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    torch.save({"state_dict": {}, "global_step": 4}, ckpt_dir / "step0000004.ckpt")
+    os.utime(ckpt_dir / "step0000004.ckpt", (1_000, 1_000))
     with pytest.raises(FileExistsError, match="resume=auto"):
         resolve_resume(cfg, ckpt_dir)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    assert resolve_resume(cfg, ckpt_dir) is None  # requeued before anything was saved as last.ckpt
-    (ckpt_dir / "last.ckpt").write_bytes(b"x")
+    # requeued after step 4 was saved, before last.ckpt: go on from step 4, not from the start
+    assert resolve_resume(cfg, ckpt_dir) == str(ckpt_dir / "step0000004.ckpt")
+    torch.save({"state_dict": {}, "global_step": 6}, ckpt_dir / "last.ckpt")
     assert resolve_resume(cfg, ckpt_dir) == str(ckpt_dir / "last.ckpt")
     assert resolve_resume(train_cfg(f"resume={ckpt_dir / 'step0000004.ckpt'}"), ckpt_dir) == str(
         ckpt_dir / "last.ckpt"
