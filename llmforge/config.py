@@ -125,6 +125,7 @@ class TrainerConfig:
     ckpt_every_n_steps: int = 500
     deterministic: bool = False
     enable_progress_bar: bool = True
+    skip_memory_check: bool = False  # start even when llmforge.estimate's peak exceeds the free memory
 
 
 @dataclass
