@@ -158,7 +158,8 @@ class StabilityGuard(L.Callback):
         else:
             self.bad_steps.append(step)
             self.act(trainer, pl_module, step, kind, loss, local, stats)
-        pl_module.log("guard/anomalies", float(len(self.bad_steps)), rank_zero_only=True)
+        if self.bad_steps:  # no chart flat at 0: it appears with the first anomaly
+            pl_module.log("guard/anomalies", float(len(self.bad_steps)), rank_zero_only=True)
         self._micro_losses.clear()
         self._indices.clear()
 
