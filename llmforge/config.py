@@ -418,6 +418,10 @@ def register() -> None:
         OmegaConf.register_new_resolver("llmforge.gpus_per_node", gpus_per_node)
     if not OmegaConf.has_resolver("llmforge.run_dir"):
         OmegaConf.register_new_resolver("llmforge.run_dir", default_run_dir)
+    if not OmegaConf.has_resolver("llmforge.job_dir"):
+        from llmforge.multirun import sweep_subdir
+
+        OmegaConf.register_new_resolver("llmforge.job_dir", sweep_subdir)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     # schemas of the objective group, not options of it (`objective=mlm_schema` must not train)

@@ -180,7 +180,8 @@ class RunManifest(L.Callback):
             experiment.add_custom_scalars(LAYOUT)
         if experiment is not None and hasattr(experiment, "_get_file_writer") and self.config is not None:
             if hasattr(experiment, "add_text"):
-                experiment.add_text("config", "```\n" + json.dumps(self.config, indent=2, default=str) + "\n```")
+                text = json.dumps(self.config, indent=2, default=str)
+                experiment.add_text("config", "```\n" + text + "\n```")
             c = self.config
             extra = {"model.num_params": sum(p.numel() for p in pl_module.parameters())}
             try:

@@ -91,6 +91,8 @@ def model_name(cfg: TransformerConfig) -> str:
         return cfg.name
     base = {**asdict(TransformerConfig()), **preset}
     changed = {k: v for k, v in asdict(cfg).items() if base.get(k) != v}
+    if base.get("vocab_size") is None:  # tiny, mini: the vocabulary comes from the data
+        changed.pop("vocab_size", None)
     return cfg.name + (" with " + ", ".join(f"{k}={v}" for k, v in changed.items()) if changed else "")
 
 
