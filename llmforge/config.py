@@ -413,11 +413,19 @@ def default_run_dir(default: str) -> str:
     return os.path.abspath(default)
 
 
+def _slurm_fit(*args: Any) -> Any:
+    from llmforge.slurm import fit_to_partition  # imports Lightning: only when a SLURM launcher resolves
+
+    return fit_to_partition(*args)
+
+
 def register() -> None:
     if not OmegaConf.has_resolver("llmforge.gpus_per_node"):
         OmegaConf.register_new_resolver("llmforge.gpus_per_node", gpus_per_node)
     if not OmegaConf.has_resolver("llmforge.run_dir"):
         OmegaConf.register_new_resolver("llmforge.run_dir", default_run_dir)
+    if not OmegaConf.has_resolver("llmforge.slurm_fit"):
+        OmegaConf.register_new_resolver("llmforge.slurm_fit", _slurm_fit)
     if not OmegaConf.has_resolver("llmforge.job_dir"):
         from llmforge.multirun import sweep_subdir
 

@@ -269,7 +269,10 @@ class SweepCallback(_HydraCallback):  # type: ignore[misc,valid-type]
     the jobs it starts or submits inherit: sbatch exports it); at the end, prints `format_rows`."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from llmforge.slurm import sacct_warning_once
+
         os.environ[SWEPT_ENV] = " ".join(swept_keys(sys.argv[1:]))
+        sacct_warning_once()  # submitit's launcher polls from this process
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

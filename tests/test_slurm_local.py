@@ -45,6 +45,52 @@ def test_launcher_has_one_task_per_rank_and_gpus_only_on_gpus():
     assert (cpu["nodes"], cpu["tasks_per_node"], cpu["gpus_per_node"]) == (1, 2, None)
 
 
+SINFO = "debug* 2 1:00:00\ngpu 64 2-00:00:00\nlong 16 infinite\n"  # sinfo -h -o "%P %c %l"
+
+
+def test_launcher_defaults_fit_the_partition(tmp_path, monkeypatch, capsys):
+    from llmforge import slurm
+
+    assert slurm.parse_time_limit("1:00:00") == 60 and slurm.parse_time_limit("2-00:00:00") == 2880
+    assert slurm.parse_time_limit("30") == 30 and slurm.parse_time_limit("infinite") is None
+    assert slurm.partition_limits(None, SINFO) == (2, 60)  # the default partition, marked *
+    assert slurm.partition_limits("long", SINFO) == (16, None)
+    assert slurm.partition_limits("nosuch", SINFO) is None
+    # the CI's case: 8 CPUs per task and 240 minutes asked, a 2-CPU node and 60 minutes offered
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sinfo").write_text(f"#!/bin/sh\nprintf '{SINFO}'\n")
+    (fake / "sinfo").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    small = launcher()
+    assert (small["cpus_per_task"], small["timeout_min"]) == (2, 60)
+    out = capsys.readouterr().out
+    assert "hydra.launcher.cpus_per_task=8 is more than the default partition offers; using 2" in out
+    assert "hydra.launcher.timeout_min=240 is more than the default partition offers; using 60" in out
+    big = launcher("hydra.launcher.partition=gpu", "hardware.devices=4")
+    assert (big["cpus_per_task"], big["timeout_min"]) == (8, 240)  # 64 CPUs / 4 tasks: 8 fit
+    assert launcher("hydra.launcher.partition=gpu", "hardware.devices=16")["cpus_per_task"] == 4
+    assert launcher("hydra.launcher.cpus_per_task=6")["cpus_per_task"] == 6  # set by hand: as given
+    monkeypatch.setenv("PATH", "/nonexistent")  # no sinfo: the defaults
+    assert (launcher()["cpus_per_task"], launcher()["timeout_min"]) == (8, 240)
+
+
+def test_sacct_warning_is_said_once(caplog):
+    import logging
+
+    from llmforge.slurm import sacct_warning_once
+
+    sacct_warning_once()
+    sacct_warning_once()
+    logger = logging.getLogger("submitit")
+    with caplog.at_level(logging.WARNING, logger="submitit"):
+        for call in (1, 2, 3):
+            logger.warning(f"Call #{call} - Bypassing sacct error boom, status may be inaccurate.")
+        logger.warning("another warning")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("Bypassing sacct error" in m for m in messages) == 1 and "another warning" in messages
+
+
 def test_restarted_job_resumes_from_last_whatever_resume_says(train_cfg, tmp_path, monkeypatch):
     ckpt_dir = tmp_path / "checkpoints"
     ckpt_dir.mkdir()
