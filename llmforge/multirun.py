@@ -266,13 +266,17 @@ except ImportError:  # pragma: no cover
 
 class SweepCallback(_HydraCallback):  # type: ignore[misc,valid-type]
     """Hydra callback of a sweep's own process: at the start, puts the swept keys in the environment (which
-    the jobs it starts or submits inherit: sbatch exports it); at the end, prints `format_rows`."""
+    the jobs it starts or submits inherit: sbatch exports it) and, for a SLURM sweep, installs
+    `llmforge.slurm_sweep`'s waiting; at the end, prints `format_rows`."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        from llmforge.slurm import sacct_warning_once
-
         os.environ[SWEPT_ENV] = " ".join(swept_keys(sys.argv[1:]))
-        sacct_warning_once()  # submitit's launcher polls from this process
+        if "submitit" in str(config.hydra.launcher.get("_target_", "")):  # a SLURM sweep
+            from llmforge import slurm_sweep
+            from llmforge.slurm import sacct_warning_once
+
+            sacct_warning_once()  # submitit polls from this process
+            slurm_sweep.install()  # pending reasons every minute; Ctrl-C cancels the jobs
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

@@ -154,3 +154,62 @@ def test_requeue_signal_saves_requeues_then_restart_resumes(train_cfg, tmp_path,
     assert fake_slurm.read_text().count("requeue") == 1
     batches = (tmp_path / "run" / "samples" / "rank0.txt").read_text().splitlines()
     assert len(batches) == 6  # 3 before the signal, 3 after the restart: resumed, not started again
+
+
+class FakeJob:
+    """A submitit job stand-in: done after `polls` checks, or Ctrl-C at the `interrupt_at`-th check."""
+
+    def __init__(self, job_id: str, polls: int, interrupt_at: int | None = None) -> None:
+        self.job_id, self.polls, self.interrupt_at = job_id, polls, interrupt_at
+        self.checks, self.cancelled = 0, False
+
+    def done(self) -> bool:
+        self.checks += 1
+        if self.interrupt_at is not None and self.checks >= self.interrupt_at:
+            raise KeyboardInterrupt
+        return self.checks > self.polls
+
+    def cancel(self, check: bool = True) -> None:
+        self.cancelled = True
+
+
+def test_a_waiting_sweep_says_why_and_ctrl_c_cancels_its_jobs():
+    from llmforge.slurm_sweep import pending_reasons, wait_for
+
+    squeue = "7_0|PENDING|PartitionTimeLimit\n7_1|RUNNING|None\n8_0|PENDING|Resources\n"
+    assert pending_reasons(["7_0", "7_1"], squeue) == {"7_0": "PartitionTimeLimit"}
+    said: list[str] = []
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    jobs = [FakeJob("7_0", polls=30), FakeJob("7_1", polls=2)]
+    wait_for(
+        jobs,
+        poll_s=60,
+        say=said.append,
+        reasons=lambda ids: pending_reasons(ids, squeue),
+        sleep=sleep,
+        clock=lambda: now[0],
+        tick_s=5,
+    )
+    # 30 checks x 5 s = 150 s of waiting: a line at 60 s and at 120 s, not at every check
+    assert said == ["slurm: 1 of 2 jobs pending: 7_0 (PartitionTimeLimit)"] * 2
+    jobs = [FakeJob("9_0", polls=100, interrupt_at=3), FakeJob("9_1", polls=100)]
+    with pytest.raises(KeyboardInterrupt):
+        wait_for(jobs, poll_s=60, say=said.append, reasons=lambda ids: {}, sleep=sleep, clock=lambda: now[0])
+    assert all(j.cancelled for j in jobs) and said[-1] == "slurm: interrupted: cancelled 9_0, 9_1"
+
+
+def test_install_wraps_submitits_submission_once():
+    submitit = pytest.importorskip("submitit")
+    from llmforge import slurm_sweep
+
+    original = submitit.AutoExecutor.map_array
+    try:
+        assert slurm_sweep.install() and slurm_sweep.install()
+        wrapped = submitit.AutoExecutor.map_array
+        assert wrapped is not original and getattr(wrapped, "llmforge_waits", False)
+    finally:
+        submitit.AutoExecutor.map_array = original
