@@ -457,7 +457,7 @@ def locked_run(cfg: DictConfig) -> RunResult:
     ckpt_path = resolve_resume(cfg, ckpt_dir)
     if ckpt_path is not None:  # a checkpoint never runs code: refused with one line before Lightning reads it
         verify_for_resume(ckpt_path)
-    preflight.check_run(cfg, data_manifest["vocab_size"])  # before the model is allocated
+    preflight.check_run(cfg, datamodule.manifest["vocab_size"])  # before the model is allocated
 
     weights = {s.name: s.weight for s in datamodule.sources}
     module = build_module(cfg, datamodule.manifest, weights)
