@@ -668,6 +668,23 @@ def consolidate(
     return target
 
 
+def holds_training_state(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint (a file or a sharded directory) holds the optimizer and LR-schedule state a
+    resume needs. Lightning's ``weights_only`` saves do not: the stability guard's step-0 checkpoint (the
+    initial weights) and ``consolidate --weights-only`` files."""
+    p = Path(path)
+    meta = safe_load(p / META_FILE, mmap=False) if p.is_dir() else safe_load(p)
+    return isinstance(meta, dict) and "lr_schedulers" in meta
+
+
+def load_weights(module: nn.Module, path: str | os.PathLike) -> None:
+    """The network weights of an llmforge checkpoint (a file or a sharded directory, read in this one
+    process) into ``module.model`` of a freshly built objective module."""
+    p = Path(path)
+    checkpoint = load_sharded(p, weights_only=True) if p.is_dir() else load_lightning(p)
+    module.model.load_state_dict(model_weights(checkpoint["state_dict"]))
+
+
 def strategy_load(strategy: Any, path: str | os.PathLike) -> dict[str, Any]:
     """``strategy.load_checkpoint`` (Lightning: a file, or a sharded directory under FSDP) of a checkpoint
     that `verify_for_resume` accepted, read with ``weights_only=True``."""

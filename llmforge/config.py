@@ -125,6 +125,7 @@ class TrainerConfig:
     ckpt_every_n_steps: int = 500
     deterministic: bool = False
     enable_progress_bar: bool = True
+    skip_memory_check: bool = False  # start even when llmforge.estimate's peak exceeds the free memory
 
 
 @dataclass
@@ -412,13 +413,26 @@ def default_run_dir(default: str) -> str:
     return os.path.abspath(default)
 
 
+def _slurm_fit(*args: Any) -> Any:
+    from llmforge.slurm import fit_to_partition  # imports Lightning: only when a SLURM launcher resolves
+
+    return fit_to_partition(*args)
+
+
 def register() -> None:
     if not OmegaConf.has_resolver("llmforge.gpus_per_node"):
         OmegaConf.register_new_resolver("llmforge.gpus_per_node", gpus_per_node)
     if not OmegaConf.has_resolver("llmforge.run_dir"):
         OmegaConf.register_new_resolver("llmforge.run_dir", default_run_dir)
+    if not OmegaConf.has_resolver("llmforge.slurm_fit"):
+        OmegaConf.register_new_resolver("llmforge.slurm_fit", _slurm_fit)
+    if not OmegaConf.has_resolver("llmforge.job_dir"):
+        from llmforge.multirun import sweep_subdir
+
+        OmegaConf.register_new_resolver("llmforge.job_dir", sweep_subdir)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="objective", name="mlm_schema", node=MaskedLMConfig)
-    cs.store(group="objective", name="denoise_schema", node=DenoiseConfig)
+    # schemas of the objective group, not options of it (`objective=mlm_schema` must not train)
+    cs.store(name="objective_mlm_schema", node=MaskedLMConfig)
+    cs.store(name="objective_denoise_schema", node=DenoiseConfig)
     cs.store(name="prepare_schema", node=PrepareConfig)

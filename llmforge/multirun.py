@@ -11,6 +11,10 @@ of its own: single-run mode, the job's own overrides, ``hydra.run.dir`` = the jo
 environment without rank variables. There Lightning starts the job's ranks exactly as for any single run,
 and they all end with the job. Jobs whose ranks are started by someone else (SLURM tasks through
 submitit, torchrun) and single-process jobs run in the sweep process as before.
+
+Every sweep's job folder is named by its number and the overrides the sweep varies
+(``runs/<name>/multirun/1_optim.lr=0.0003``: `job_dirname`, the ``llmforge.job_dir`` resolver), and the
+sweep ends with a table of its jobs: overrides, final step, train and val loss, checkpoint (`SweepCallback`).
 """
 
 from __future__ import annotations
@@ -152,3 +156,129 @@ def write_result(run_dir: Path, global_step: int, last_checkpoint: Path, metrics
     run_dir.mkdir(parents=True, exist_ok=True)
     result = {"global_step": global_step, "last_checkpoint": str(last_checkpoint), "metrics": metrics}
     (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+
+
+# -- job folders named by their overrides, and the table at the end of a sweep ---------------------------
+SWEPT_ENV = "LLMFORGE_SWEPT_KEYS"  # the sweep's varying keys, for jobs that run in other processes (SLURM)
+SWEEP_PREFIXES = ("range(", "choice(", "glob(", "interval(", "shuffle(", "sort(")
+MAX_DIRNAME = 120
+
+
+def swept_keys(argv: list[str]) -> list[str]:
+    """The keys a sweep's command line varies: ``optim.lr=1e-3,3e-4`` or ``model=choice(125m,1b)``."""
+    keys = []
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key.startswith("hydra.") or key.startswith("hydra/"):
+            continue
+        if value.startswith(SWEEP_PREFIXES) or _top_level_comma(value):
+            keys.append(key)
+    return keys
+
+
+def _top_level_comma(value: str) -> bool:
+    depth, quote = 0, ""
+    for ch in value:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[({":
+            depth += 1
+        elif ch in "])}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            return True
+    return False
+
+
+def job_dirname(num: Any, overrides: list[str], keys: list[str]) -> str:
+    """A sweep job's folder: its number, then the values of the swept keys (``1_optim.lr=3e-4``)."""
+    parts = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in keys:
+            parts.append(override.lstrip("+~"))
+    name = "_".join([str(num), ",".join(parts)]) if parts else str(num)
+    for bad in ("/", "\\", "\0"):
+        name = name.replace(bad, "_")
+    return name[:MAX_DIRNAME]
+
+
+def sweep_subdir() -> str:
+    """``hydra.sweep.subdir`` (resolver ``llmforge.job_dir``): `job_dirname` of the current job. The swept
+    keys come from the environment `SweepCallback` set in the sweep's process (jobs on SLURM nodes have
+    their own command line), else from this process's command line."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    if SWEPT_ENV in os.environ:
+        keys = [k for k in os.environ[SWEPT_ENV].split(" ") if k]
+    else:
+        keys = swept_keys(sys.argv[1:])
+    return job_dirname(hc.job.num, list(hc.overrides.task), keys)
+
+
+def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job folder of a sweep: number, swept overrides, final train/val loss, checkpoint."""
+    rows = []
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.split("_")[0].isdigit()):
+        num, _, overrides = job.name.partition("_")
+        row: dict[str, Any] = {"job": int(num), "overrides": overrides or "-", "dir": str(job)}
+        result = job / RESULT_FILE
+        if result.is_file():
+            data = json.loads(result.read_text())
+            row |= {
+                "train/loss": data["metrics"].get("train/loss"),
+                "val/loss": data["metrics"].get("val/loss"),
+                "checkpoint": data["last_checkpoint"],
+                "step": data["global_step"],
+            }
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["job"])
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    def loss(v: Any) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    table = [("job", "overrides", "step", "train/loss", "val/loss", "checkpoint")]
+    for r in rows:
+        ckpt = r.get("checkpoint") or "(no result: failed or still running)"
+        step = str(r.get("step", "-"))
+        table.append(
+            (str(r["job"]), r["overrides"], step, loss(r.get("train/loss")), loss(r.get("val/loss")), ckpt)
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1] for row in table
+    )
+
+
+try:  # a Hydra callback (conf/train.yaml: hydra.callbacks.sweep_table); Hydra is always installed here
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover
+    _HydraCallback = object  # type: ignore[assignment,misc]
+
+
+class SweepCallback(_HydraCallback):  # type: ignore[misc,valid-type]
+    """Hydra callback of a sweep's own process: at the start, puts the swept keys in the environment (which
+    the jobs it starts or submits inherit: sbatch exports it) and, for a SLURM sweep, installs
+    `llmforge.slurm_sweep`'s waiting; at the end, prints `format_rows`."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        os.environ[SWEPT_ENV] = " ".join(swept_keys(sys.argv[1:]))
+        if "submitit" in str(config.hydra.launcher.get("_target_", "")):  # a SLURM sweep
+            from llmforge import slurm_sweep
+            from llmforge.slurm import sacct_warning_once
+
+            sacct_warning_once()  # submitit polls from this process
+            slurm_sweep.install()  # pending reasons every minute; Ctrl-C cancels the jobs
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if sweep_dir.is_dir():
+            print(f"\nsweep {sweep_dir}\n{format_rows(job_rows(sweep_dir))}", flush=True)

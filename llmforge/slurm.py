@@ -118,3 +118,110 @@ class Requeue(L.Callback):
         if ok:
             self.requeued = True
             trainer.should_stop = True
+
+
+# -- the launcher's defaults, fitted to the partition; submitit's sacct warning, once ---------------------
+_said: set[str] = set()
+
+
+def parse_time_limit(text: str) -> float | None:
+    """Minutes of a SLURM time limit as sinfo prints it (``60``, ``1:00:00``, ``2-00:00:00``,
+    ``infinite``/``UNLIMITED``: None)."""
+    text = text.strip()
+    if not text or text.lower() in ("infinite", "unlimited", "n/a"):
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if len(parts) == 1:
+        minutes = float(parts[0])  # minutes
+    elif len(parts) == 2:
+        minutes = parts[0] + parts[1] / 60  # minutes:seconds
+    else:
+        minutes = parts[0] * 60 + parts[1] + parts[2] / 60
+    return minutes + (int(days) * 1440 if days else 0)
+
+
+def partition_limits(
+    partition: str | None, sinfo_output: str | None = None
+) -> tuple[int, float | None] | None:
+    """(CPUs per node, time limit in minutes or None) of ``partition`` (None: the cluster's default, marked
+    ``*`` by sinfo), from ``sinfo -h -o "%P %c %l"``; None where sinfo does not answer."""
+    if sinfo_output is None:
+        try:
+            sinfo_output = subprocess.run(
+                ["sinfo", "-h", "-o", "%P %c %l"], capture_output=True, text=True, timeout=20, check=True
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    rows = []
+    for line in sinfo_output.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        name, cpus, limit = fields[0], fields[1].rstrip("+"), fields[2]
+        default = name.endswith("*")
+        name = name.rstrip("*")
+        if (partition is None and default) or name == partition:
+            rows.append((int(cpus) if cpus.isdigit() else 0, parse_time_limit(limit)))
+    if not rows:
+        return None
+    cpus = min(c for c, _ in rows)
+    limits = [m for _, m in rows if m is not None]
+    return cpus, (min(limits) if limits else None)
+
+
+def fit_to_partition(
+    key: str, requested: Any, partition: Any, tasks_per_node: Any = 1, sinfo_output: str | None = None
+) -> Any:
+    """The resolver ``llmforge.slurm_fit`` of conf/hydra/launcher/slurm.yaml: ``requested`` for
+    ``key`` (``cpus_per_task`` or ``timeout_min``), lowered to what the partition offers (CPUs per node /
+    tasks per node; its time limit), with one line saying so; unchanged where sinfo does not answer."""
+    limits = partition_limits(
+        None if partition in (None, "None", "null", "") else str(partition), sinfo_output
+    )
+    if limits is None:
+        return requested
+    cpus, minutes = limits
+    tasks = int(tasks_per_node) if str(tasks_per_node).isdigit() else 1
+    if key == "cpus_per_task":
+        allowed: Any = max(1, cpus // max(1, tasks)) if cpus else requested
+    elif key == "timeout_min":
+        allowed = int(minutes) if minutes is not None else requested
+    else:
+        raise ValueError(f"llmforge.slurm_fit: unknown key {key!r}")
+    if requested is None or int(requested) <= int(allowed):
+        return requested
+    where = (
+        f"partition {partition}" if partition not in (None, "None", "null", "") else "the default partition"
+    )
+    message = (
+        f"slurm: hydra.launcher.{key}={requested} is more than {where} offers; using {allowed} "
+        f"(set hydra.launcher.{key}= to choose)"
+    )
+    if message not in _said:
+        _said.add(message)
+        print(message, flush=True)
+    return allowed
+
+
+class OnceFilter(logging.Filter):
+    """Lets the first record containing ``marker`` through, drops the later ones (submitit repeats its
+    "Bypassing sacct error" warning at every poll of every job where accounting is not set up)."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker, self.seen = marker, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.marker not in record.getMessage():
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
+
+
+def sacct_warning_once() -> None:
+    logger = logging.getLogger("submitit")
+    if not any(isinstance(f, OnceFilter) for f in logger.filters):
+        logger.addFilter(OnceFilter("Bypassing sacct error"))

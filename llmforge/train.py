@@ -16,7 +16,7 @@ register()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from llmforge import multirun, slurm
+    from llmforge import console, multirun, slurm
 
     if multirun.needs_own_processes(cfg.hardware):  # local sweep, several ranks: see llmforge/multirun.py
         return multirun.run_job_in_own_processes()
@@ -25,6 +25,7 @@ def main(cfg: DictConfig) -> float | None:
 
     # Hydra's handlers (console + train.log) already receive Lightning's messages: drop its own duplicate.
     logging.getLogger("lightning").handlers.clear()
+    console.quiet_dependencies()  # Lightning's tip, the srun warning, dependencies' deprecation warnings
 
     try:
         result = run(cfg)
@@ -41,8 +42,8 @@ def main(cfg: DictConfig) -> float | None:
         multirun.write_result(result.run_dir, result.global_step, result.last_checkpoint, result.metrics)
         print(f"\nrun dir      {result.run_dir}")
         print(f"checkpoint   {result.last_checkpoint}  (step {result.global_step})")
-        print(f"tensorboard  tensorboard --logdir {result.run_dir}")
-        print(f"plot         python -m llmforge.plot {result.run_dir}")
+        print(f"tensorboard  {console.command('tensorboard')} --logdir {result.run_dir}")
+        print(f"plot         {console.command('python')} -m llmforge.plot {result.run_dir}")
     return result.metrics.get("val/loss")
 
 

@@ -21,10 +21,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from llmforge import slurm
+from llmforge import preflight, slurm
 from llmforge.callbacks import DivergenceError, RunManifest, StabilityGuard
 from llmforge.checkpoints import (
     TMP_MARK,
@@ -32,6 +32,8 @@ from llmforge.checkpoints import (
     atomic_checkpoint_io,
     atomic_write,
     check_resume_fits,
+    holds_training_state,
+    load_weights,
     remove_interrupted_writes,
     verify_for_resume,
 )
@@ -140,6 +142,15 @@ class FSDPStrategy(ModelParallelStrategy):
     nothing (a 27% smaller first update). The count is set back to 0: the state is then what AdamW's first
     step creates, and the run trains as DDP and one process do.
     """
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if not holds_training_state(checkpoint_path):  # weights only (the guard's step 0): no optimizer
+            optimizers, self._optimizers = self._optimizers, []
+            try:
+                return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            finally:
+                self._optimizers = optimizers
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -446,15 +457,18 @@ def locked_run(cfg: DictConfig) -> RunResult:
     ckpt_path = resolve_resume(cfg, ckpt_dir)
     if ckpt_path is not None:  # a checkpoint never runs code: refused with one line before Lightning reads it
         verify_for_resume(ckpt_path)
+    preflight.check_run(cfg, datamodule.manifest["vocab_size"])  # before the model is allocated
 
     weights = {s.name: s.weight for s in datamodule.sources}
     module = build_module(cfg, datamodule.manifest, weights)
     datamodule.collate_fn = module.collate_fn()
     if ckpt_path is not None:
         check_resume_fits(module, ckpt_path)
-    if cfg.init_from and ckpt_path is None:  # continued pre-training; a resumed run has its own weights
-        from lightning.pytorch.utilities import rank_zero_info
-
+    if ckpt_path is not None and not holds_training_state(ckpt_path):  # e.g. the guard's step 0
+        load_weights(module, ckpt_path)
+        rank_zero_info(f"resume: {ckpt_path} holds the weights only: training starts at step 0 from them")
+        ckpt_path = None
+    elif cfg.init_from and ckpt_path is None:  # continued pre-training; a resumed run has its own weights
         from llmforge.checkpoints import init_from
 
         rank_zero_info(f"init_from: loaded {init_from(module, cfg.init_from)}")

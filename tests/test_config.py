@@ -279,3 +279,18 @@ def test_corrupt_checkpoint_names_file(tiny_module, tmp_path):
     (tmp_path / "bad.ckpt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"bad.ckpt: not a readable checkpoint"):
         check_resume_fits(module, tmp_path / "bad.ckpt")
+
+
+def test_schemas_are_not_options_of_the_objective_group(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    for schema in ("mlm_schema", "denoise_schema"):
+        with pytest.raises(MissingConfigException):
+            compose_train([f"objective={schema}"])
+    with pytest.raises(Exception, match="mask_probb"):  # the knobs are still typed
+        compose_train(["objective=mlm", "objective.mask_probb=0.2"])
+    proc = run_cli("llmforge.train", "--help", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    groups = proc.stdout.split("== Config ==")[0]
+    (line,) = [x for x in groups.splitlines() if x.startswith("objective:")]
+    assert line == "objective: clm, denoise, mlm" and "schema" not in groups

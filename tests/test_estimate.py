@@ -70,11 +70,11 @@ def test_llama2_7b_params_and_gpu_hours():
     assert e.days == pytest.approx(e.gpu_hours["a100"] / 8 / 24)
 
 
-def test_money_from_the_seed_table_and_overrides():
+def test_money_from_the_price_table_and_overrides():
     e = estimate("1b", tokens=20e9, gpu="a100")
     assert e.cost["a100"]["aws"] == pytest.approx(e.gpu_hours["a100"] * 4.00)
     assert e.cost["a100"]["lambda"] == pytest.approx(e.gpu_hours["a100"] * 1.10)
-    assert e.cost["h100"] == {}  # the seed quotes no H100 price
+    assert e.cost["h100"] == {}  # no default H100 price
     e = estimate("1b", tokens=20e9, gpu="h100", prices={"h100": {"mine": 2.0, "other": None}})
     assert e.cost == {"a100": {}, "h100": {"mine": pytest.approx(2.0 * e.gpu_hours["h100"])}, "h200": {}}
     assert e.notes == []
@@ -299,7 +299,7 @@ def test_loss_formula_bounds_what_autograd_saves():
         ("custom_architecture", 1e9, "pre-train"),
     ],
 )
-def test_seed_decision_tree(domain, corpus, decision):
+def test_decision_tree(domain, corpus, decision):
     r = recommend(corpus_tokens=corpus, domain=domain, budget=None, cost=None, params=1e9)
     assert r.decision == decision
 
@@ -316,6 +316,23 @@ def test_budget_sizes_and_over_budget_warning():
     e = estimate("1b", gpu="a100", domain="rare_language", budget=100, corpus_tokens=1e9)  # ~$290 at $1.10/h
     assert e.recommendation.decision == "pre-train"
     assert any("over the budget" in x for x in e.recommendation.reasons)
+
+
+def test_advice_only_when_asked_and_an_honest_model_name(capsys):
+    plain = estimate("1b", tokens=20e9)
+    assert plain.recommendation is None and plain.model == "1b"
+    assert main(["model=1b", "tokens=2e10"]) == 0
+    table = capsys.readouterr().out
+    assert "recommendation" not in table and "fine-tune" not in table
+    assert main(["model=1b", "tokens=2e10", "domain=specific", "corpus_tokens=5e10"]) == 0
+    assert "recommendation: continue pre-training" in capsys.readouterr().out
+    budget = estimate("1b", budget=5e4).recommendation
+    assert budget is not None and budget.decision is None and budget.model_size == "7-13B"
+    assert estimate("7b", n_layers=40, vocab_size=50257).model == "7b with vocab_size=50257, n_layers=40"
+    assert main(["model=7b", "model.n_layers=40"]) == 0
+    assert capsys.readouterr().out.startswith("model 7b with n_layers=40 (decoder")
+    h100 = estimate("1b", gpu="h100")
+    assert any("prices.h100.<provider>=" in n and "seed" not in n for n in h100.notes)
 
 
 # -- errors and the command line ----------------------------------------------------------------------
@@ -342,7 +359,7 @@ def test_cli_table_and_json(capsys):
     assert main(["model=1b", "tokens=2e10", "gpu=a100", "num_gpus=4", "model.n_layers=8"]) == 0
     out = capsys.readouterr().out
     assert (
-        "model 1b (decoder, objective=clm): d_model 2048, 8 layers" in out
+        "model 1b with n_layers=8 (decoder, objective=clm): d_model 2048, 8 layers" in out
         and "fsdp + ckpt" in out
         and "lambda $" in out
     )

@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 from omegaconf import OmegaConf
 
-from llmforge.multirun import config_flags, local_processes
+from llmforge.multirun import config_flags, format_rows, job_dirname, job_rows, local_processes, swept_keys
 from tests.conftest import run_cli
 
 
@@ -41,6 +41,45 @@ def test_local_processes_counts_devices():
 def test_config_flags_keeps_only_config_selection():
     argv = ["-m", "--config-name", "train", "optim.lr=1e-3,3e-4", "-cp=/x/conf", "strategy=ddp"]
     assert config_flags(argv) == ["--config-name", "train", "-cp=/x/conf"]
+
+
+def test_job_folders_are_named_by_the_swept_overrides():
+    argv = ["-m", "optim.lr=1e-3,3e-4", "model=choice(tiny,mini)", "data.path=/x/y", "+a.b=[1,2]", "name=s"]
+    keys = swept_keys(argv)
+    assert keys == ["optim.lr", "model"]  # a list value is not a sweep
+    overrides = ["optim.lr=0.001", "model=tiny", "data.path=/x/y", "+a.b=[1,2]", "name=s"]
+    assert job_dirname(3, overrides, keys) == "3_optim.lr=0.001,model=tiny"
+    assert job_dirname(0, ["data.path=/x/y"], ["data.path"]) == "0_data.path=_x_y"  # one folder, not a tree
+    assert job_dirname(7, overrides, []) == "7"
+
+
+def test_local_sweep_names_its_folders_and_ends_with_a_table(tmp_path, tiny_data):
+    proc = run_cli(
+        "llmforge.train",
+        "-m",
+        "optim.lr=1e-3,3e-4",
+        "debug=fast",
+        "trainer.max_steps=2",
+        "model=tiny",
+        f"data.path={tiny_data}",
+        "data.seq_len=32",
+        "name=sweep",
+        cwd=tmp_path,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    sweep = tmp_path / "runs" / "sweep" / "multirun"
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0_optim.lr=0.001", "1_optim.lr=0.0003"]
+    rows = job_rows(sweep)
+    assert [(r["job"], r["overrides"], r["step"]) for r in rows] == [
+        (0, "optim.lr=0.001", 2),
+        (1, "optim.lr=0.0003", 2),
+    ]
+    table = out[out.index(f"sweep {Path('runs/sweep/multirun')}") :].splitlines()
+    assert table[1].split() == ["job", "overrides", "step", "train/loss", "val/loss", "checkpoint"]
+    assert table[2].split()[:3] == ["0", "optim.lr=0.001", "2"] and table[2].endswith("last.ckpt")
+    assert format_rows(rows).splitlines()[1:] == table[2:4]
+    assert all(r["val/loss"] > 0 and r["train/loss"] > 0 for r in rows)
 
 
 @pytest.mark.slow
@@ -70,7 +109,7 @@ def test_multirun_ddp_runs_each_job_once_with_its_own_ranks(tmp_path, tiny_data)
     sweeps = list((tmp_path / "sweeps").iterdir())
     assert len(sweeps) == 1, sweeps
     jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir())
-    assert [p.name for p in jobs] == ["0", "1"]
+    assert [p.name for p in jobs] == ["0_optim.lr=0.001", "1_optim.lr=0.0003"]  # named by what varies
 
     envs = []
     for job, lr in zip(jobs, (1e-3, 3e-4), strict=True):

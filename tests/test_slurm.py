@@ -122,7 +122,7 @@ def test_sweep_of_two_jobs_with_two_tasks_each(tmp_path, tiny_data, job_name):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     sweep = tmp_path / "sweep"
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert [p.name for p in jobs] == ["0", "1"]
+    assert [p.name for p in jobs] == ["0_optim.lr=0.001", "1_optim.lr=0.0003"]
     for job in jobs:
         manifest = json.loads((job / "run_manifest.json").read_text())
         assert manifest["world_size"] == 2

@@ -96,7 +96,7 @@ def test_skip_discards_the_nan_step_and_records_its_samples(train_cfg):
     assert all(torch.equal(before[k], after[k]) for k in before)  # step 3 changed nothing
     assert finite(state(result.last_checkpoint))
     assert not torch.equal(after["model.norm.weight"], state(ckpt / "step0000005.ckpt")["model.norm.weight"])
-    assert dict(read_scalars(result.run_dir)["guard/anomalies"]) == {0: 0, 1: 0, 2: 0, 3: 1, 4: 1, 5: 1}
+    assert dict(read_scalars(result.run_dir)["guard/anomalies"]) == {3: 1, 4: 1, 5: 1}  # from the first one
 
 
 def test_warn_applies_the_step_and_records_every_anomaly(train_cfg):
@@ -299,7 +299,8 @@ def test_ddp_ranks_agree_to_skip_a_nan_on_one_rank(tmp_path, tiny_data):
 @pytest.mark.slow
 def test_fsdp_global_grad_norm_and_rollback_to_a_sharded_checkpoint(tmp_path, tiny_data, train_cfg):
     """One 2-rank FSDP run: its step-0 grad norm is the whole model's (the same as one process on the same
-    8 samples logs), and a rollback reloads a sharded checkpoint (model and optimizer)."""
+    8 samples logs), and a rollback reloads a sharded checkpoint (model and optimizer), or the sharded
+    initial weights (the model only)."""
     common = ("debug=fast", "model=tiny", f"data.path={tiny_data}", "data.seq_len=32")
     proc = run_cli(
         "llmforge.train",
@@ -312,16 +313,26 @@ def test_fsdp_global_grad_norm_and_rollback_to_a_sharded_checkpoint(tmp_path, ti
         "name=fsdp",
         "callbacks.guard.nan_policy=rollback",
         "+callbacks.corrupt._target_=tests.test_stability.CorruptWeights",
-        "+callbacks.corrupt.steps=[3]",
+        "+callbacks.corrupt.steps=[1,3]",
         cwd=tmp_path,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = tmp_path / "runs" / "fsdp"
-    (record,) = anomalies(run_dir)
+    first, record = anomalies(run_dir)
+    assert (first["step"], first["action"]) == (1, "rollback to step0000000.ckpt")  # weights only
     assert (record["step"], record["action"]) == (3, "rollback to step0000002.ckpt")
+    # the step-0 checkpoint holds the weights only, not AdamW's zero moments (1/3 of a full checkpoint)
+    from llmforge.checkpoints import holds_training_state, read_dcp_metadata
+
+    step0, step2 = run_dir / "checkpoints" / "step0000000.ckpt", run_dir / "checkpoints" / "step0000002.ckpt"
+    assert not holds_training_state(step0) and holds_training_state(step2)
+    assert not any(k.startswith("optimizer") for k in read_dcp_metadata(step0).state_dict_metadata)
+    size = {p: sum(f.stat().st_size for f in p.iterdir()) for p in (step0, step2)}
+    assert size[step0] < 0.5 * size[step2]
     losses = dict(read_scalars(run_dir)["train/loss"])
-    assert math.isnan(losses[3]) and all(math.isfinite(losses[s]) for s in (0, 1, 2, 4))
+    assert math.isnan(losses[1]) and math.isnan(losses[3])
+    assert all(math.isfinite(losses[s]) for s in (0, 2, 4))
     # step 4 ran on the weights of step 2 again: the same loss as step 2 had on its (other) batch is not
     # expected, but a finite one close to it is
     assert abs(losses[4] - losses[2]) < 0.5
@@ -349,3 +360,37 @@ def test_accumulation_records_every_micro_batch_of_the_step(train_cfg):
     micro = batches(result.run_dir)  # one line per micro-batch: steps 0, 0, 1, 1, 2, 2
     assert record["step"] == 1 and record["indices"] == micro[2] + micro[3]
     assert result.global_step == 3 and finite(state(result.last_checkpoint))
+
+
+def test_step0_checkpoint_holds_the_initial_weights_only(train_cfg):
+    """The guard's step-0 checkpoint: the weights, no optimizer state (its moments would be zeros), so
+    it is about the size of the weights; a rollback to it restarts AdamW from an empty state, and a
+    resume from it (last.ckpt after a stop) starts at step 0 from those weights."""
+    from pathlib import Path
+
+    from llmforge.checkpoints import holds_training_state
+
+    cfg = train_cfg(
+        *common(
+            "trainer.max_steps=4",
+            "callbacks.guard.nan_policy=rollback",
+            "callbacks.guard.max_rollbacks=1",
+            "+callbacks.corrupt._target_=tests.test_stability.CorruptWeights",
+            "+callbacks.corrupt.steps=[1,2]",
+        )
+    )
+    with pytest.raises(DivergenceError, match=r"nan at step 2.*last good checkpoint .*step0000000\.ckpt"):
+        run(cfg)
+    ckpt = Path(cfg.run_dir) / "checkpoints"
+    first, _ = anomalies(Path(cfg.run_dir))
+    assert first["action"] == "rollback to step0000000.ckpt"  # the weights-only checkpoint restored
+    step0 = torch.load(ckpt / "step0000000.ckpt", weights_only=False)
+    assert "optimizer_states" not in step0 and not holds_training_state(ckpt / "step0000000.ckpt")
+    weight_bytes = sum(t.numel() * t.element_size() for t in step0["state_dict"].values())
+    assert (ckpt / "step0000000.ckpt").stat().st_size < 1.2 * weight_bytes
+    assert finite(step0["state_dict"])
+    # after the stop last.ckpt is the initial weights: resume=auto starts again from them, at step 0
+    resumed = run(train_cfg(*common("trainer.max_steps=2", "resume=auto"), run_dir=Path(cfg.run_dir)))
+    assert resumed.global_step == 2 and holds_training_state(resumed.last_checkpoint)
+    first_loss = dict(read_scalars(resumed.run_dir)["train/loss"])[0]
+    assert math.isfinite(first_loss)

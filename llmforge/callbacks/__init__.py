@@ -4,7 +4,8 @@
 - `grad_norm`: the gradient norm before clipping (`GradNorm`);
 - `stability`: the stability guard, NaN/Inf and loss-spike detection and what to do about them
   (`StabilityGuard`, `DivergenceError`, `checkpoint_steps`);
-- `manifest`: the run manifest and the hyperparameters in TensorBoard (`RunManifest`);
+- `manifest`: the run manifest, the hyperparameters and the first view in TensorBoard (`RunManifest`,
+  `TensorBoardLogger`);
 - `sample_indices`: the windows each rank trains on (`SampleIndexRecorder`, for checks and tests);
 - `sample_text`: what the model writes while it trains, in TensorBoard (`SampleText`);
 - `downstream`: lm-eval tasks on the training model every N steps (`DownstreamEval`, off by default).
@@ -16,11 +17,15 @@ TensorBoard tags and their meaning are listed in docs/monitoring.md.
 from llmforge.callbacks.downstream import DownstreamEval
 from llmforge.callbacks.grad_norm import GradNorm, total_grad_norm
 from llmforge.callbacks.manifest import (
+    HPARAM_COLUMNS,
     HPARAM_METRICS,
+    LAYOUT,
     PACKAGES,
     RunManifest,
+    TensorBoardLogger,
     flatten,
     git_commit,
+    hparam_columns,
     hparam_value,
     log_hparams,
     run_manifest,
@@ -32,7 +37,9 @@ from llmforge.callbacks.stability import POLICIES, DivergenceError, StabilityGua
 from llmforge.callbacks.throughput import PEAK_BF16_FLOPS, Throughput, device_peak_flops, mfu
 
 __all__ = [
+    "HPARAM_COLUMNS",
     "HPARAM_METRICS",
+    "LAYOUT",
     "PACKAGES",
     "PEAK_BF16_FLOPS",
     "POLICIES",
@@ -43,11 +50,13 @@ __all__ = [
     "SampleIndexRecorder",
     "SampleText",
     "StabilityGuard",
+    "TensorBoardLogger",
     "Throughput",
     "checkpoint_steps",
     "device_peak_flops",
     "flatten",
     "git_commit",
+    "hparam_columns",
     "hparam_value",
     "log_hparams",
     "mfu",

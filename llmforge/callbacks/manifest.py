@@ -1,5 +1,7 @@
-"""The run manifest (git commit, package versions, data fingerprint, command line) and the run's
-hyperparameters in TensorBoard's HPARAMS tab."""
+"""The run manifest (git commit, package versions, data fingerprint, command line), the run's
+hyperparameters in TensorBoard's HPARAMS tab, and what else TensorBoard shows first: a custom-scalars
+layout of the curves that matter (loss with val loss, LR, tokens/s) and no ``epoch`` chart
+(`TensorBoardLogger`)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
 
 from llmforge.data.shards import manifest_sha256
 
 PACKAGES = ("torch", "lightning", "hydra-core", "omegaconf", "tokenizers", "numpy", "tensorboard", "llmforge")
+
 
 def git_commit() -> dict:
     root = Path(__file__).resolve().parents[2]  # the repository (llmforge/callbacks/manifest.py)
@@ -73,6 +77,56 @@ def run_manifest(data_path: str | Path | None) -> dict:
 
 # Metrics the HPARAMS tab shows next to each run's hyperparameters (their values are the scalars).
 HPARAM_METRICS = ("val/loss", "val/ppl", "train/loss")
+# The HPARAMS columns: what people compare between runs (plus the keys overridden on the command line,
+# `model.num_params` and `tokens`); the whole resolved config is in config.yaml and the `config` text.
+HPARAM_COLUMNS = (
+    "model.name",
+    "objective.name",
+    "optim.lr",
+    "data.batch_size",
+    "data.seq_len",
+    "precision.value",
+    "strategy.name",
+)
+# TensorBoard's CUSTOM SCALARS tab: the curves to look at first.
+LAYOUT = {
+    "llmforge": {
+        "loss (train, val)": ["Multiline", ["train/loss", "val/loss"]],
+        "learning rate": ["Multiline", ["train/lr"]],
+        "tokens/s": ["Multiline", ["perf/tokens_per_s"]],
+    }
+}
+
+
+class TensorBoardLogger(LightningTensorBoardLogger):
+    """Lightning's TensorBoard logger without the ``epoch`` scalar it adds to every write (llmforge runs
+    are counted in steps; an ``epoch`` chart flat at 0 was the first one TensorBoard showed)."""
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        metrics = {k: v for k, v in metrics.items() if k != "epoch"}
+        if metrics:
+            super().log_metrics(metrics, step)
+
+
+def overridden_keys(argv: Iterable[str]) -> list[str]:
+    """The config keys a command line sets (``optim.lr=1e-3,3e-4`` -> ``optim.lr``; ``+a.b=1`` -> ``a.b``)."""
+    keys = []
+    for arg in argv:
+        if "=" in arg and not arg.startswith("-"):
+            keys.append(arg.split("=", 1)[0].lstrip("+~"))
+    return keys
+
+
+def hparam_columns(config: dict[str, Any], argv: Iterable[str], extra: dict[str, Any]) -> dict[str, Any]:
+    """The HPARAMS entry of a run: `HPARAM_COLUMNS`, ``extra`` (computed values), and every flat key the
+    command line overrode (what a sweep varies), in that order."""
+    flat = flatten(config)
+    out = {key: flat[key] for key in HPARAM_COLUMNS if key in flat}
+    out.update(extra)
+    for key in overridden_keys(argv):
+        if key in flat and key not in out:
+            out[key] = flat[key]
+    return out
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -105,8 +159,8 @@ def log_hparams(experiment: Any, params: dict[str, Any], metrics: Iterable[str] 
 
 class RunManifest(L.Callback):
     """Writes `run_manifest.json` (git commit, versions, data fingerprint) and logs it to TensorBoard as
-    text; logs the resolved run config, flattened, as hyperparameters (TensorBoard's HPARAMS tab), with the
-    model's resolved vocabulary size and parameter count."""
+    text, with the resolved config; logs `hparam_columns` as hyperparameters (TensorBoard's HPARAMS tab)
+    and the custom-scalars `LAYOUT`."""
 
     def __init__(self, run_dir: str | Path, data_path: str | Path | None, config: dict | None = None) -> None:
         self.run_dir, self.data_path = Path(run_dir), data_path
@@ -122,12 +176,18 @@ class RunManifest(L.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_text"):
             experiment.add_text("run_manifest", "```\n" + json.dumps(manifest, indent=2) + "\n```")
+        if experiment is not None and hasattr(experiment, "add_custom_scalars"):
+            experiment.add_custom_scalars(LAYOUT)
         if experiment is not None and hasattr(experiment, "_get_file_writer") and self.config is not None:
-            params = flatten(self.config)
-            model_cfg = getattr(pl_module, "model_cfg", None)
-            if model_cfg is not None:
-                params["model.vocab_size"] = model_cfg.vocab_size
-            params["model.num_params"] = sum(p.numel() for p in pl_module.parameters())
-            params["world_size"] = trainer.world_size
-            params["git.commit"] = manifest["git"]["commit"]
-            log_hparams(experiment, params)
+            if hasattr(experiment, "add_text"):
+                text = json.dumps(self.config, indent=2, default=str)
+                experiment.add_text("config", "```\n" + text + "\n```")
+            c = self.config
+            extra = {"model.num_params": sum(p.numel() for p in pl_module.parameters())}
+            try:
+                t, d = c["trainer"], c["data"]
+                global_batch = d["batch_size"] * t["accumulate_grad_batches"] * trainer.world_size
+                extra["tokens"] = t["max_steps"] * global_batch * d["seq_len"]
+            except (KeyError, TypeError):
+                pass
+            log_hparams(experiment, hparam_columns(c, sys.argv[1:], extra))

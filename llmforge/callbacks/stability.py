@@ -59,7 +59,8 @@ class StabilityGuard(L.Callback):
 
     A checkpoint saved at step s (the weights the loss of step s is computed with) is *good* when the
     loss of step s was checked and was no anomaly. With a stop or rollback policy the guard saves the
-    initial weights as the step-0 checkpoint (``save_initial``), so a run that diverges before its first
+    initial weights (the weights only: no optimizer state) as the step-0 checkpoint (``save_initial``), so
+    a run that diverges before its first
     periodic checkpoint still has one to return to. Every anomaly is appended to
     ``<run_dir>/anomalies.jsonl``: step, kind, loss (mean and per rank), the window statistics, the action,
     and the sample (window) indices of the step's batches, of all ranks, with the documents of each window
@@ -131,7 +132,9 @@ class StabilityGuard(L.Callback):
             path = Path(ckpt.format_checkpoint_name({"step": torch.tensor(0)}))
             # rank 0 decides for all: a rank that saw rank 0's file appear would skip the collective save
             if not trainer.strategy.broadcast(path.exists(), src=0):
-                trainer.save_checkpoint(path, weights_only=False)
+                # the weights only: before the first step AdamW's moments are zeros (under FSDP,
+                # torch.distributed.checkpoint would write them: twice the weights' size)
+                trainer.save_checkpoint(path, weights_only=True)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if isinstance(batch, dict) and "index" in batch:
@@ -155,7 +158,8 @@ class StabilityGuard(L.Callback):
         else:
             self.bad_steps.append(step)
             self.act(trainer, pl_module, step, kind, loss, local, stats)
-        pl_module.log("guard/anomalies", float(len(self.bad_steps)), rank_zero_only=True)
+        if self.bad_steps:  # no chart flat at 0: it appears with the first anomaly
+            pl_module.log("guard/anomalies", float(len(self.bad_steps)), rank_zero_only=True)
         self._micro_losses.clear()
         self._indices.clear()
 
@@ -289,12 +293,18 @@ class StabilityGuard(L.Callback):
         return target
 
     def restore(self, trainer, path: Path) -> None:
-        """Load the model and optimizer state of a checkpoint into the running trainer."""
-        from llmforge.checkpoints import strategy_load  # never runs code from the file
+        """Load the model and optimizer state of a checkpoint into the running trainer; a checkpoint of
+        the weights only (the initial ones, step 0) restarts AdamW from an empty state, as at step 0."""
+        from llmforge.checkpoints import holds_training_state, strategy_load  # never runs code from the file
 
+        full = holds_training_state(path)
         checkpoint = strategy_load(trainer.strategy, path)
         trainer.strategy.load_model_state_dict(checkpoint, strict=True)
-        trainer.strategy.load_optimizer_state_dict(checkpoint)
+        if full:
+            trainer.strategy.load_optimizer_state_dict(checkpoint)
+        else:
+            for optimizer in trainer.optimizers:
+                optimizer.state.clear()
 
 
 def checkpoint_steps(directory: str | Path) -> list[tuple[int, Path]]:

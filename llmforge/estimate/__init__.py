@@ -5,7 +5,8 @@
 
     from llmforge.estimate import estimate
     e = estimate("1b", tokens=20e9, num_gpus=8, gpu="a100")
-    e.total_flops, e.gpu_hours["a100"], e.memory[0].total_gb, e.recommendation.decision
+    e.total_flops, e.gpu_hours["a100"], e.memory[0].total_gb
+    estimate("1b", domain="specific", corpus_tokens=50e9).recommendation.decision
 
 What is computed, and from where:
 
@@ -59,9 +60,11 @@ What is computed, and from where:
     on GPU, sqrt(v): half the AdamW states; Lightning's AMP plugins refuse the fused AdamW).
   * not counted: the CUDA context and allocator slack (~1-3 GB), communication buffers, temporary
     buffers inside kernels. Treat ``fits`` as "fits with a little room to spare", not a guarantee.
-- **Money**: GPU-hours x the price table (US dollars per GPU-hour; defaults: the seed chapter's cloud
-  table, A100 40 GB; no default price for H100/H200, which the seed does not quote).
-- **Recommendation**: the seed chapter's decision tree ("Quand pré-entraîner vs fine-tuner ?"): a general
+- **Money**: GPU-hours x the price table (US dollars per GPU-hour; defaults: A100 40 GB on-demand list
+  prices of AWS, GCP, Azure and Lambda when the table was written; no default for H100/H200, whose rates
+  vary several-fold between providers: ``prices.h100.<provider>=<dollars>``).
+- **Recommendation**, only when asked for (``domain=...`` and/or ``budget=...``): the decision tree of
+  the course material this project started from ("when to pre-train vs fine-tune"): a general
   need -> use and fine-tune an existing model; a specific domain with < 10B tokens -> fine-tune, > 100B
   -> pre-train, in between -> continue pre-training (the chapter's conclusion: ~10x cheaper than from
   scratch when the domain is not too far); a rare language, proprietary data or a custom architecture ->
@@ -115,10 +118,37 @@ from llmforge.estimate.plan import (
 from llmforge.estimate.report import format_table
 
 __all__ = [
-    "CONF", "DEFAULT_GPUS", "DEFAULT_PRICES", "DOMAINS", "GB", "OBJECTIVES", "PRECISION_BYTES", "STRATEGIES",
-    "TOKENS_PER_PARAM", "Estimate", "EstimateConfig", "GPUSpec", "Memory", "Objective", "PrecisionBytes",
-    "Recommendation", "activation_bytes_per_token", "as_objective", "compose", "compute_optimal_tokens",
-    "cross_attention_bytes", "estimate", "format_table", "from_config", "gpu_hours", "load_preset",
-    "logits_bytes_per_token", "memory_per_gpu", "model_config", "precision_bytes", "recommend",
-    "human", "training_flops",
+    "CONF",
+    "DEFAULT_GPUS",
+    "DEFAULT_PRICES",
+    "DOMAINS",
+    "GB",
+    "OBJECTIVES",
+    "PRECISION_BYTES",
+    "STRATEGIES",
+    "TOKENS_PER_PARAM",
+    "Estimate",
+    "EstimateConfig",
+    "GPUSpec",
+    "Memory",
+    "Objective",
+    "PrecisionBytes",
+    "Recommendation",
+    "activation_bytes_per_token",
+    "as_objective",
+    "compose",
+    "compute_optimal_tokens",
+    "cross_attention_bytes",
+    "estimate",
+    "format_table",
+    "from_config",
+    "gpu_hours",
+    "load_preset",
+    "logits_bytes_per_token",
+    "memory_per_gpu",
+    "model_config",
+    "precision_bytes",
+    "recommend",
+    "human",
+    "training_flops",
 ]

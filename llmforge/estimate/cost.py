@@ -1,5 +1,5 @@
-"""Money and the decision: GPU table, prices per GPU-hour, and the seed chapter's pre-train / continue /
-fine-tune decision tree."""
+"""Money and the decision: GPU table, prices per GPU-hour, and the pre-train / continue / fine-tune
+decision tree (given only when asked: a ``domain`` or a ``budget``)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ DEFAULT_GPUS: dict[str, dict[str, float]] = {
     "h200": {"peak_tflops": 989.0, "memory_gb": 141.0},
 }
 DEFAULT_PRICES: dict[str, dict[str, float]] = {
-    "a100": {"aws": 4.00, "gcp": 3.67, "azure": 3.40, "lambda": 1.10},  # seed chapter, A100 40 GB
+    # A100 40 GB on-demand list prices when this table was written (the project's course material quoted
+    # them); yours differ: prices.a100.<provider>=<dollars per GPU-hour>
+    "a100": {"aws": 4.00, "gcp": 3.67, "azure": 3.40, "lambda": 1.10},
     "h100": {},
     "h200": {},
 }
@@ -22,8 +24,8 @@ DOMAINS = ("general", "specific", "rare_language", "proprietary", "custom_archit
 
 @dataclass
 class Recommendation:
-    decision: str  # "pre-train" | "continue pre-training" | "fine-tune"
-    model_size: str  # what the budget buys, from the seed's tree
+    decision: str | None  # "pre-train" | "continue pre-training" | "fine-tune"; None: no domain given
+    model_size: str  # what the budget buys
     reasons: list[str]
 
 
@@ -36,13 +38,16 @@ def human(x: float) -> str:
 
 
 def recommend(
-    *, corpus_tokens: float, domain: str, budget: float | None, cost: float | None, params: float
+    *, corpus_tokens: float, domain: str | None, budget: float | None, cost: float | None, params: float
 ) -> Recommendation:
-    """The seed chapter's decision tree (see the module docstring)."""
-    if domain not in DOMAINS:
+    """The decision tree (see the `llmforge.estimate` docstring); ``domain`` None: the budget's part only."""
+    if domain is not None and domain not in DOMAINS:
         raise ValueError(f"domain={domain!r} is not one of {', '.join(DOMAINS)}")
     reasons: list[str] = []
-    if domain == "general":
+    decision: str | None = None
+    if domain is None:
+        pass
+    elif domain == "general":
         decision = "fine-tune"
         reasons.append("no need for a custom model: start from an existing pre-trained model")
     elif domain == "specific":
@@ -73,7 +78,7 @@ def recommend(
     elif budget <= 100e3:
         size = "7-13B"
     elif budget < 1e6:
-        size = "13-70B (the seed's tree is silent between $100k and $1M)"
+        size = "13-70B (an interpolation: the rule of thumb jumps from 7-13B at $100k to 70B+ at $1M)"
     else:
         size = "70B+"
     if budget is not None:

@@ -42,7 +42,7 @@ class Estimate:
     days: float  # on num_gpus of `gpu`
     cost: dict[str, dict[str, float]]  # gpu -> provider -> US dollars
     memory: list[Memory]
-    recommendation: Recommendation
+    recommendation: Recommendation | None  # only when asked: a domain or a budget was given
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -82,6 +82,20 @@ def model_config(model: str | TransformerConfig | Mapping[str, Any], **overrides
     return cfg
 
 
+def model_name(cfg: TransformerConfig) -> str:
+    """The preset's name, followed by the fields that differ from the preset (``7b with n_layers=40``),
+    so that a table of an overridden preset does not claim to be the preset."""
+    try:
+        preset = load_preset(cfg.name)
+    except ValueError:
+        return cfg.name
+    base = {**asdict(TransformerConfig()), **preset}
+    changed = {k: v for k, v in asdict(cfg).items() if base.get(k) != v}
+    if base.get("vocab_size") is None:  # tiny, mini: the vocabulary comes from the data
+        changed.pop("vocab_size", None)
+    return cfg.name + (" with " + ", ".join(f"{k}={v}" for k, v in changed.items()) if changed else "")
+
+
 def estimate(
     model: str | TransformerConfig | Mapping[str, Any] = "7b",
     *,
@@ -95,7 +109,7 @@ def estimate(
     objective: str | Mapping[str, Any] | Objective = "clm",
     corpus_tokens: float | None = None,
     budget: float | None = None,
-    domain: str = "general",
+    domain: str | None = None,
     gpus: Mapping[str, Mapping[str, float]] | None = None,
     prices: Mapping[str, Mapping[str, float]] | None = None,
     **model_overrides: Any,
@@ -159,22 +173,27 @@ def estimate(
         for ckpt in (False, True)
     ]
     corpus = float(corpus_tokens) if corpus_tokens is not None else tokens
-    rec = recommend(
-        corpus_tokens=corpus,
-        domain=domain,
-        budget=budget,
-        cost=min(chosen_costs) if chosen_costs else None,
-        params=n,
-    )
+    rec = None
+    if domain is not None or budget is not None:  # pre-train vs fine-tune advice: only when asked
+        rec = recommend(
+            corpus_tokens=corpus,
+            domain=domain,
+            budget=budget,
+            cost=min(chosen_costs) if chosen_costs else None,
+            params=n,
+        )
     notes = []
     if arch != "decoder":
         notes.append(
             "compute-optimal tokens: Chinchilla's 20 per parameter was fitted on decoder-only models"
         )
     if not chosen_costs:
-        notes.append(f"no price for {gpu}: set prices.{gpu}.<provider>=<dollars per GPU-hour>")
+        notes.append(
+            f"no price for {gpu} (on-demand rates vary several-fold between providers and over time): "
+            f"give yours as prices.{gpu}.<provider>=<dollars per GPU-hour>, e.g. prices.{gpu}.lambda=2.5"
+        )
     return Estimate(
-        model=cfg.name,
+        model=model_name(cfg),
         objective=obj.name,
         config=asdict(cfg),
         params=n,
@@ -223,7 +242,7 @@ class EstimateConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     corpus_tokens: float | None = None
     budget: float | None = None
-    domain: str = "general"
+    domain: str | None = None
     json: bool = False
     gpus: dict[str, GPUSpec] = field(default_factory=dict)
     prices: dict[str, Any] = field(default_factory=dict)  # gpu -> provider -> dollars per GPU-hour

@@ -38,7 +38,7 @@ def format_table(e: Estimate) -> str:
             cheapest_first = sorted(by_provider.items(), key=lambda kv: kv[1])
             parts = ", ".join(f"{p} ${human(v)}" for p, v in cheapest_first)
         else:
-            parts = f"n/a (no price: prices.{name}.<provider>=...)"
+            parts = f"n/a (no default price: prices.{name}.<provider>=<dollars per GPU-hour>)"
         lines.append(f"  {name:<6} {parts}")
     lines += [
         "",
@@ -60,7 +60,8 @@ def format_table(e: Estimate) -> str:
         "CUDA context and allocator slack not included)"
     )
     r = e.recommendation
-    lines += ["", f"recommendation: {r.decision}"]
-    lines += [f"  - {reason}" for reason in r.reasons]
+    if r is not None:
+        lines += ["", f"recommendation: {r.decision}" if r.decision else "budget"]
+        lines += [f"  - {reason}" for reason in r.reasons]
     lines += [f"note: {n}" for n in e.notes]
     return "\n".join(lines)
