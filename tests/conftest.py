@@ -213,3 +213,24 @@ def random_windows(
     if pad_last:
         tokens[-1, -pad_last:] = -1
     return [{"index": first_index + index_step * i, "tokens": t} for i, t in enumerate(tokens)]
+
+
+# The data stage's outputs compared across executors (local, SLURM, Ray): a small demo crawl, and its files.
+OUTPUTS = ("manifest.json", "tokenizer.json", "*.bin", "*.idx")
+
+
+@pytest.fixture(scope="module")
+def crawl(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("crawl")
+    subprocess.run(
+        [sys.executable, "-m", "llmforge.prep.demo_warc", str(out), "--modules", "8"],
+        check=True,
+        env=clean_env(),
+        capture_output=True,
+    )
+    return out
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    files = sorted(p for pattern in OUTPUTS for p in out.glob(pattern))
+    return {p.name: p.read_bytes() for p in files}

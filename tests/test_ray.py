@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import clean_env, run_cli
+from tests.conftest import clean_env, outputs, run_cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-OUTPUTS = ("manifest.json", "tokenizer.json", "*.bin", "*.idx")
 
 
 def ray_head() -> tuple[str | None, str | None]:
@@ -48,23 +47,6 @@ def address() -> str:
     if os.environ.get("LLMFORGE_REQUIRE_RAY") == "1":
         pytest.fail(f"LLMFORGE_REQUIRE_RAY=1 but {problem}")
     pytest.skip(problem)
-
-
-@pytest.fixture(scope="module")
-def crawl(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("crawl")
-    subprocess.run(
-        [sys.executable, "-m", "llmforge.prep.demo_warc", str(out), "--modules", "8"],
-        check=True,
-        env=clean_env(),
-        capture_output=True,
-    )
-    return out
-
-
-def outputs(out: Path) -> dict[str, bytes]:
-    files = sorted(p for pattern in OUTPUTS for p in out.glob(pattern))
-    return {p.name: p.read_bytes() for p in files}
 
 
 def test_prepare_on_ray_matches_local(address, crawl, tmp_path):

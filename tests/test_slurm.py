@@ -19,10 +19,9 @@ import lightning as L
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import clean_env, run_cli
+from tests.conftest import clean_env, outputs, run_cli
 
 pytestmark = pytest.mark.slurm
-OUTPUTS = ("manifest.json", "tokenizer.json", "*.bin", "*.idx")
 
 
 class Throttle(L.Callback):
@@ -187,23 +186,6 @@ def test_requeue_signal_checkpoints_requeues_and_resumes(tmp_path, tiny_data, jo
     assert f"at step {len(first)}: saved" in train_log and "requeued job" in train_log
     assert re.search(r"Restoring states from the checkpoint path at .*last\.ckpt", train_log)
     assert json.loads((job_dir / "result.json").read_text())["global_step"] == max_steps
-
-
-@pytest.fixture(scope="module")
-def crawl(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("crawl")
-    subprocess.run(
-        [sys.executable, "-m", "llmforge.prep.demo_warc", str(out), "--modules", "8"],
-        check=True,
-        env=clean_env(),
-        capture_output=True,
-    )
-    return out
-
-
-def outputs(out: Path) -> dict[str, bytes]:
-    files = sorted(p for pattern in OUTPUTS for p in out.glob(pattern))
-    return {p.name: p.read_bytes() for p in files}
 
 
 @pytest.mark.slow

@@ -330,6 +330,18 @@ def lsh_recall(similarity: float | np.ndarray, bands: int, rows: int) -> float |
     return float(p) if p.ndim == 0 else p
 
 
+def banding(threshold: float, num_perm: int, bands: int | None, rows: int | None) -> tuple[int, int]:
+    """The bands and rows given (both or neither), else `lsh_params`'s choice for ``threshold``; checked
+    against the number of permutations."""
+    if (bands is None) != (rows is None):
+        raise ValueError("give both bands and rows, or neither")
+    if bands is None or rows is None:
+        bands, rows = lsh_params(threshold, num_perm)
+    if bands < 1 or rows < 1 or bands * rows > num_perm:
+        raise ValueError(f"{bands} bands x {rows} rows does not fit {num_perm} permutations")
+    return bands, rows
+
+
 def lsh_params(threshold: float, num_perm: int, min_recall: float = 0.95) -> tuple[int, int]:
     """Bands and rows for a Jaccard threshold, chosen explicitly (never datasketch's automatic choice).
 
@@ -697,12 +709,7 @@ def find_duplicates(
         shape = signatures.shape
         raise ValueError(f"{n} keys, {len(exact_hashes)} exact hashes, signatures of shape {shape}")
     num_perm = signatures.shape[1]
-    if (bands is None) != (rows is None):
-        raise ValueError("give both bands and rows, or neither")
-    if bands is None:
-        bands, rows = lsh_params(threshold, num_perm)
-    if bands < 1 or rows < 1 or bands * rows > num_perm:
-        raise ValueError(f"{bands} bands x {rows} rows does not fit {num_perm} permutations")
+    bands, rows = banding(threshold, num_perm, bands, rows)
     vt = threshold if verify_threshold is None else verify_threshold
     if not 0.0 <= vt <= 1.0:
         raise ValueError(f"verify_threshold must be in [0, 1], got {vt} (near=False turns near copies off)")

@@ -61,7 +61,7 @@ from llmforge.prep.dedup import (
     _components,
     _fmix64,
     _window_pairs,
-    lsh_params,
+    banding,
     pack_keys,
 )
 
@@ -138,12 +138,7 @@ def make_plan(
         if cfg != configs[0]:
             raise ValueError(f"{p}: hasher settings {cfg} differ from {configs[0]}")
     num_perm = int(configs[0]["num_perm"])
-    if (bands is None) != (rows is None):
-        raise ValueError("give both bands and rows, or neither")
-    if bands is None:
-        bands, rows = lsh_params(threshold, num_perm)
-    if bands < 1 or rows < 1 or bands * rows > num_perm:
-        raise ValueError(f"{bands} bands x {rows} rows does not fit {num_perm} permutations")
+    bands, rows = banding(threshold, num_perm, bands, rows)
     if verify_threshold is not None and not 0.0 <= verify_threshold <= 1.0:
         raise ValueError(f"verify_threshold must be in [0, 1], got {verify_threshold}")
     if tasks < 1 or memory_gb <= 0:
