@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from llmforge import preflight, slurm
+from llmforge import branch, preflight, slurm
 from llmforge.callbacks import DivergenceError, RunManifest, StabilityGuard
 from llmforge.checkpoints import (
     TMP_MARK,
@@ -454,7 +454,8 @@ def locked_run(cfg: DictConfig) -> RunResult:
         sources=sources,
         alpha=cfg.data.alpha,
     )
-    ckpt_path = resolve_resume(cfg, ckpt_dir)
+    branch_ckpt = branch.prepare(cfg)  # a cooldown branch: decay start and max_steps from its checkpoint
+    ckpt_path = resolve_resume(cfg, ckpt_dir) or branch_ckpt
     if ckpt_path is not None:  # a checkpoint never runs code: refused with one line before Lightning reads it
         verify_for_resume(ckpt_path)
     preflight.check_run(cfg, datamodule.manifest["vocab_size"])  # before the model is allocated
