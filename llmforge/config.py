@@ -79,6 +79,8 @@ class DataConfig:
     seed: int = 1234
     shuffle: bool = True
     overfit_samples: int = 0  # > 0: train on the first N windows only (debugging)
+    document_mask: bool = False  # attention stays inside each EOS-delimited document of a packed window
+    document_positions: str = "continue"  # with document_mask: continue | reset (RoPE restarts per document)
 
 
 @dataclass
@@ -309,6 +311,7 @@ def validate(cfg: Any) -> None:
         if not cfg.branch_from and cfg.optim.decay_start is None:
             raise ValueError("optim.schedule=wsd_decay needs branch_from=CKPT (or optim.decay_start)")
     check_choice("hardware.accelerator", cfg.hardware.accelerator, ACCELERATORS)
+    check_choice("data.document_positions", cfg.data.document_positions, DOCUMENT_POSITIONS)
     if "variant" in cfg.objective:
         check_choice("objective.variant", cfg.objective.variant, DENOISE_VARIANTS)
     if cfg.optim.name != "adamw":

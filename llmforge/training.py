@@ -89,6 +89,8 @@ def build_module(
         "seq_len": cfg.data.seq_len,
         "vocab_size": vocab,
         "seed": cfg.data.seed,
+        "document_mask": cfg.data.document_mask,
+        "document_positions": cfg.data.document_positions,
     }
     if sources:  # a mixture: the tokenizer is the first source's (all share it); validation per source
         data["path"] = str(cfg.data.sources[next(iter(sorted(cfg.data.sources)))].path)

@@ -68,19 +68,38 @@ def wsd_decay_start(total: int, decay_fraction: float) -> int:
     return total - round(decay_fraction * total)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matmul weights only: none on norms, biases and embeddings."""
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None, width_mult: float = 1.0
+) -> list[dict]:
+    """Weight decay on matmul weights only: none on norms, biases and embeddings.
+
+    With µP (``width_mult`` != 1, `TransformerConfig.width_mult`), the matrices inside the transformer
+    blocks (hidden weights: their fan-in grows with the width) form a third group trained at ``lr /
+    width_mult``; the embedding, the head and the vectors keep ``lr``.
+    """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
+    hidden_ids = set()
+    if width_mult != 1.0:
+        if lr is None:
+            raise ValueError("param_groups needs the peak lr to scale µP's hidden LR")
+        blocks = (m for m in model.modules() if isinstance(m, Block | DecoderBlock))
+        hidden_ids = {id(p) for b in blocks for p in b.parameters() if p.dim() >= 2}
+    decay, hidden, no_decay, seen = [], [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [
+        if id(p) in hidden_ids:
+            hidden.append(p)
+        else:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if width_mult != 1.0:
+        groups.insert(1, {"params": hidden, "weight_decay": weight_decay, "lr": lr / width_mult})
+    return groups
 
 
 def require_special_tokens(special_tokens: dict[str, int], needed: dict[str, str], objective: str) -> None:
@@ -108,8 +127,9 @@ class PretrainModule(L.LightningModule):
 
     ``data`` describes the token shards the run trains on, as `llmforge.training.build_module` passes it:
     ``path``, ``seq_len`` (window length), ``vocab_size`` (the tokenizer's, before rounding up for the
-    model) and ``seed`` (data.seed). Objectives whose collate depends on them (masking, span lengths)
-    check them, and the special tokens they need, in ``__init__``: before any training step.
+    model), ``seed`` (data.seed), ``document_mask`` and ``document_positions`` (`document_options`).
+    Objectives whose collate depends on them (masking, span lengths) check them, and the special tokens
+    they need, in ``__init__``: before any training step.
     """
 
     metric_names: tuple[str, ...] = ()  # keys of `loss`'s extra metrics that validation averages too
@@ -128,6 +148,10 @@ class PretrainModule(L.LightningModule):
         self.optim_cfg = OptimConfig(**optim)
         self.special_tokens = dict(special_tokens)
         self.data_info = dict(data or {})
+        if self.data_info.get("document_mask"):
+            require_special_tokens(
+                self.special_tokens, {"eos": "data.document_mask (documents end with it)"}, objective=name
+            )
         self.model = self.build_model()
         self.val_loss = MeanMetric()
         self.val_metrics = nn.ModuleDict({k: MeanMetric() for k in self.metric_names})
@@ -148,6 +172,16 @@ class PretrainModule(L.LightningModule):
     def loss(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         """(mean loss over scored tokens, number of scored tokens, extra metrics)."""
         raise NotImplementedError  # abstract
+
+    def document_options(self) -> dict:
+        """Collate arguments for ``data.document_mask``: the EOS id that ends documents and whether RoPE
+        positions restart per document (``data.document_positions=reset``); {} without masking."""
+        if not self.data_info.get("document_mask"):
+            return {}
+        return {
+            "document_eos_id": self.special_tokens["eos"],
+            "reset_positions": self.data_info.get("document_positions", "continue") == "reset",
+        }
 
     # -- what the throughput callback counts -------------------------------------------------------
     def tokens_in_batch(self, batch: dict) -> int:
@@ -266,9 +300,8 @@ class PretrainModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         o = self.optim_cfg
         # not fused: Lightning's AMP plugins refuse gradient clipping with fused optimizers
-        optimizer = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
-        )
+        groups = param_groups(self.model, o.weight_decay, o.lr, self.model_cfg.width_mult)  # µP: LR per group
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
