@@ -123,3 +123,17 @@ def test_coordinate_check(cls, one_thread):
             assert all(0.5 < g < 1.5 for g in growth.values()), growth
         else:
             assert max(growth.values()) > 4.0, growth
+
+
+def test_a_wide_mup_model_is_not_exported_as_llama(tmp_path):
+    from llmforge.hf import to_hf
+
+    with pytest.raises(ValueError, match="µP"):
+        to_hf(Transformer(cfg(128, True)), None, tmp_path / "hf")
+
+
+def test_mup_keys_compose_in_a_sweep():
+    from tests.conftest import compose_train
+
+    cfg_ = compose_train(["model.mup=true", "model.mup_base_width=64", "model.d_model=128"])
+    assert cfg_.model.mup is True and TransformerConfig(**{**cfg_.model, "vocab_size": 8}).width_mult == 2.0
