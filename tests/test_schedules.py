@@ -170,3 +170,27 @@ def test_a_sweep_of_cooldown_branches_from_one_checkpoint(tmp_path, tiny_data):
         lr = {s: v[-1] for s, v in all_scalars(Path(job) / "tb", "train/lr").items()}
         assert sorted(lr) == list(range(4, 4 + n))
         assert lr[4] == pytest.approx(1e-3) and lr[4 + n - 1] < lr[4]
+
+
+def test_recipe_knobs_compose_as_a_sweep():
+    """Every recipe knob swept as on a `-m` command line: each sweep point composes and validates."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweep = [
+        "data.document_mask=true,false",
+        "data.document_positions=continue,reset",
+        "optim.schedule=wsd,cosine",
+        "optim.decay_shape=linear,1-sqrt",
+        "model.mup=true,false",
+    ]
+    parsed = OverridesParser.create().parse_overrides(sweep)
+    axes = [[f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+    points = list(itertools.product(*axes))
+    assert len(points) == 32
+    for point in points:
+        cfg = compose_train([*point, "model.mup_base_width=32", "run_dir=unused"])
+        validate(cfg)
+        assert cfg.optim.schedule == point[2].split("=")[1]
+        assert cfg.data.document_mask == (point[0].lower() == "data.document_mask=true")
