@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -172,25 +173,30 @@ def test_a_sweep_of_cooldown_branches_from_one_checkpoint(tmp_path, tiny_data):
         assert lr[4] == pytest.approx(1e-3) and lr[4 + n - 1] < lr[4]
 
 
-def test_recipe_knobs_compose_as_a_sweep():
-    """Every recipe knob swept as on a `-m` command line: each sweep point composes and validates."""
-    import itertools
+def test_a_requeued_branch_continues_the_same_decay(train_cfg, tmp_path, monkeypatch):
+    """A branch that is interrupted and requeued (SLURM restart; the same with ``resume=auto``) resumes from
+    its own last checkpoint, but its decay still starts at ``branch_from``'s step: its LRs and losses are
+    those of the branch that ran through."""
+    main_dir, whole_dir, again_dir = tmp_path / "main", tmp_path / "whole", tmp_path / "again"
+    run(train_cfg(*COMMON, "optim.schedule=wsd", "trainer.max_steps=8", run_dir=main_dir))
+    branch = (
+        *COMMON,
+        f"branch_from={main_dir / 'checkpoints' / 'step0000004.ckpt'}",
+        "optim.schedule=wsd_decay",
+        "optim.cooldown_steps=6",
+        "optim.decay_shape=linear",
+    )
+    run(train_cfg(*branch, run_dir=whole_dir))  # steps 4..9, a checkpoint at step 8
+    (again_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(whole_dir / "checkpoints" / "step0000008.ckpt", again_dir / "checkpoints" / "last.ckpt")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert run(train_cfg(*branch, run_dir=again_dir)).global_step == 10
 
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+        return {s: v[-1] for s, v in all_scalars(run_dir / "tb", tag).items()}
 
-    sweep = [
-        "data.document_mask=true,false",
-        "data.document_positions=continue,reset",
-        "optim.schedule=wsd,cosine",
-        "optim.decay_shape=linear,1-sqrt",
-        "model.mup=true,false",
-    ]
-    parsed = OverridesParser.create().parse_overrides(sweep)
-    axes = [[f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()] for o in parsed]
-    points = list(itertools.product(*axes))
-    assert len(points) == 32
-    for point in points:
-        cfg = compose_train([*point, "model.mup_base_width=32", "run_dir=unused"])
-        validate(cfg)
-        assert cfg.optim.schedule == point[2].split("=")[1]
-        assert cfg.data.document_mask == (point[0].lower() == "data.document_mask=true")
+    whole_lr, again_lr = scalars(whole_dir, "train/lr"), scalars(again_dir, "train/lr")
+    assert [whole_lr[s] for s in range(4, 10)] == pytest.approx([1e-3 * (1 - k / 6) for k in range(6)])
+    assert again_lr[8] == whole_lr[8] and again_lr[9] == whole_lr[9]  # a decay from step 8 would differ
+    whole_loss, again_loss = scalars(whole_dir, "train/loss"), scalars(again_dir, "train/loss")
+    assert again_loss[8] == whole_loss[8] and again_loss[9] == whole_loss[9]
