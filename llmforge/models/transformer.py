@@ -223,7 +223,8 @@ def document_mask(
     O(seq^2 / 128^2), the fast kernels skip whole blocks); otherwise a dense boolean (batch, 1, t, s) for
     SDPA (on CPU SDPA takes it at about the cost of the causal kernel at a few hundred tokens)."""
     cross = q_doc is not k_doc
-    if flex if flex is not None else q_doc.is_cuda:
+    if q_doc.is_cuda if flex is None else flex:
+
         def mask_mod(b, h, i, j):
             same = q_doc[b, i] == k_doc[b, j]
             if causal:
