@@ -5,9 +5,13 @@ round by round: the packed window as one sequence (causal / no mask, the fast fu
 with the document mask (block-diagonal, from the EOS positions, RoPE positions reset per document: a dense
 boolean mask passed to SDPA on CPU; a flex-attention block mask on CUDA). Documents are drawn with
 geometric lengths (mean ``--doc-len`` tokens) and packed into windows of ``--seq-len``. Reports the median
-wall and thread-CPU time per step of each side and their ratio (target >= 0.9 at seq 256 on CPU).
+wall and thread-CPU time per step of each side and their ratio (target >= 0.9 at seq 256 on CPU). With
+``--device cuda`` the masked side runs flex attention (compiled, block masks) against SDPA's causal/no-mask
+flash kernels; only the wall ratio means anything there (the CPU time is the host's).
 
     python experiments/bench_docmask.py [--seq-len 256 --batch 8 --rounds 5 --steps 3 --dtype both]
+    python experiments/bench_docmask.py --device cuda --seq-len 2048 --batch 8 --d-model 1024 --layers 8 \
+        --heads 16 --doc-len 400 --dtype bf16
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def step_fn(model, optimizer, batch: dict, masked: bool, bf16: bool):
             kw = {"positions": batch["position_ids"], "doc_ids": batch["doc_ids"]}
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch["input_ids"], **kw)
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
         loss.backward()
@@ -58,10 +62,17 @@ def step_fn(model, optimizer, batch: dict, masked: bool, bf16: bool):
     return step
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(step, n: int) -> tuple[float, float]:
+    sync()
     wall, cpu = time.perf_counter(), time.thread_time()
     for _ in range(n):
         step()
+    sync()
     return (time.perf_counter() - wall) / n, (time.thread_time() - cpu) / n
 
 
@@ -74,7 +85,7 @@ def bench(arch: str, bf16: bool, args) -> dict:
         n_heads=args.heads,
         max_seq_len=2048,
     )
-    model = (Encoder if arch == "mlm" else Transformer)(cfg)
+    model = (Encoder if arch == "mlm" else Transformer)(cfg).to(args.device)
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
     batch = clm_collate(
         windows(args.batch, args.seq_len, args.doc_len, args.vocab),
@@ -82,6 +93,7 @@ def bench(arch: str, bf16: bool, args) -> dict:
         document_eos_id=EOS,
         reset_positions=True,
     )
+    batch = {k: v.to(args.device) for k, v in batch.items()}
     steps = {name: step_fn(model, optimizer, batch, name == "masked", bf16) for name in ("plain", "masked")}
     for step in steps.values():  # warm-up
         timed(step, 2)
@@ -120,13 +132,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both")
     p.add_argument("--arch", choices=["clm", "mlm", "both"], default="both")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (the document mask as flex attention)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dtypes = [False, True] if args.dtype == "both" else [args.dtype == "bf16"]
     archs = ["clm", "mlm"] if args.arch == "both" else [args.arch]
     print(
         f"seq {args.seq_len}, batch {args.batch}, d {args.d_model}, {args.layers} layers, "
-        f"{args.threads} thread(s)"
+        f"{args.threads} thread(s), {args.device}"
     )
     for arch in archs:
         for bf16 in dtypes:
