@@ -261,3 +261,30 @@ def test_document_positions_is_checked(train_cfg):
 
     with pytest.raises(ValueError, match="data.document_positions"):
         validate(train_cfg("data.document_mask=true", "data.document_positions=restart"))
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm", "denoise"])
+@pytest.mark.parametrize("positions", ["continue", "reset"])
+def test_the_objectives_collate_carries_documents_only_when_asked(train_cfg, objective, positions):
+    """The wiring from the config keys to the batch: ``data.document_mask`` gives every objective's
+    collate the EOS id (its documents), ``document_positions=reset`` adds the RoPE positions."""
+    from llmforge.data.shards import read_manifest
+    from llmforge.training import build_module
+    from tests.conftest import random_windows
+
+    def batch_keys(*overrides: str) -> tuple[set, dict]:
+        cfg = train_cfg(f"objective={objective}", *overrides)
+        module = build_module(cfg, read_manifest(cfg.data.path))
+        eos = module.special_tokens["eos"]
+        samples = random_windows(4, 32, low=max(module.special_tokens.values()) + 1, high=400, eos=eos)
+        batch = module.collate_fn()(samples)
+        return set(batch), batch
+
+    plain, _ = batch_keys()
+    assert not {k for k in plain if "doc_ids" in k or "position_ids" in k}
+    keys, batch = batch_keys("data.document_mask=true", f"data.document_positions={positions}")
+    want = {"doc_ids"} | ({"position_ids"} if positions == "reset" else set())
+    if objective == "denoise":
+        want |= {f"decoder_{k}" for k in want}
+    assert keys - plain == want
+    assert (batch["doc_ids"].max(dim=1).values > 0).any()  # the EOS tokens split the windows
