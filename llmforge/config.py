@@ -21,7 +21,9 @@ from llmforge.models.config import TransformerConfig
 
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true")
 STRATEGIES = ("auto", "ddp", "fsdp")
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd", "wsd_decay")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+DOCUMENT_POSITIONS = ("continue", "reset")
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 
 
@@ -77,6 +79,8 @@ class DataConfig:
     seed: int = 1234
     shuffle: bool = True
     overfit_samples: int = 0  # > 0: train on the first N windows only (debugging)
+    document_mask: bool = False  # attention stays inside each EOS-delimited document of a packed window
+    document_positions: str = "continue"  # with document_mask: continue | reset (RoPE restarts per document)
 
 
 @dataclass
@@ -111,7 +115,11 @@ class OptimConfig:
     schedule: str = "cosine"
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
-    decay_steps: int | None = None  # None: trainer.max_steps
+    decay_steps: int | None = None  # cosine/linear horizon; None: trainer.max_steps
+    decay_fraction: float = 0.2  # wsd: the last 20% of the steps decay
+    decay_shape: str = "1-sqrt"  # wsd, wsd_decay: linear | cosine | 1-sqrt
+    cooldown_steps: int | None = None  # wsd_decay: length of the decay of a cooldown branch
+    decay_start: int | None = None  # wsd: None = from decay_fraction; wsd_decay: None = branch_from's step
 
 
 @dataclass
@@ -136,6 +144,7 @@ class TrainConfig:
     seed: int = 1234
     resume: str | None = None  # null | auto | path/to.ckpt
     init_from: str | None = None  # weights to start from: a Hugging Face Llama dir or an llmforge .ckpt
+    branch_from: str | None = None  # a training checkpoint a new run starts from (cooldown branches)
     model: TransformerConfig = MISSING
     objective: ObjectiveConfig = MISSING
     data: DataConfig = MISSING
@@ -293,7 +302,16 @@ def validate(cfg: Any) -> None:
     check_choice("precision.value", cfg.precision.value, PRECISIONS)
     check_choice("strategy.name", cfg.strategy.name, STRATEGIES)
     check_choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
+    check_choice("optim.decay_shape", cfg.optim.decay_shape, DECAY_SHAPES)
+    if not 0.0 <= cfg.optim.decay_fraction <= 1.0:
+        raise ValueError(f"optim.decay_fraction must be in [0, 1], got {cfg.optim.decay_fraction}")
+    if cfg.optim.schedule == "wsd_decay":
+        if not cfg.optim.cooldown_steps or cfg.optim.cooldown_steps < 1:
+            raise ValueError("optim.schedule=wsd_decay needs optim.cooldown_steps (the decay's length) >= 1")
+        if not cfg.branch_from and cfg.optim.decay_start is None:
+            raise ValueError("optim.schedule=wsd_decay needs branch_from=CKPT (or optim.decay_start)")
     check_choice("hardware.accelerator", cfg.hardware.accelerator, ACCELERATORS)
+    check_choice("data.document_positions", cfg.data.document_positions, DOCUMENT_POSITIONS)
     if "variant" in cfg.objective:
         check_choice("objective.variant", cfg.objective.variant, DENOISE_VARIANTS)
     if cfg.optim.name != "adamw":

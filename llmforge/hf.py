@@ -199,6 +199,11 @@ def export_state_dict(
 ) -> Path:
     from safetensors.torch import save_file
 
+    if cfg.width_mult != 1.0:
+        raise ValueError(
+            f"a µP model (model.mup=true, d_model={cfg.d_model} != mup_base_width={cfg.mup_base_width}) "
+            "scales its logits and attention scores in ways a Llama config cannot express: not exported"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     special = LLMFORGE_IDS

@@ -140,7 +140,7 @@ def generate_ids(
     generator = None if sampling.greedy else make_generator(seed, device)
 
     def last_logits(hidden: torch.Tensor) -> torch.Tensor:
-        return model.head(model.norm(hidden[:, -1]))  # the head on the last position only
+        return model.head(model.head_input(hidden[:, -1]))  # the head on the last position only
 
     def full_pass(seq: torch.Tensor, seq_mask: torch.Tensor) -> torch.Tensor:
         """No cache: the whole prefix again (the training forward; a fresh cache when rows are padded)."""

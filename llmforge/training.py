@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from llmforge import preflight, slurm
+from llmforge import branch, preflight, slurm
 from llmforge.callbacks import DivergenceError, RunManifest, StabilityGuard
 from llmforge.checkpoints import (
     TMP_MARK,
@@ -89,6 +89,8 @@ def build_module(
         "seq_len": cfg.data.seq_len,
         "vocab_size": vocab,
         "seed": cfg.data.seed,
+        "document_mask": cfg.data.document_mask,
+        "document_positions": cfg.data.document_positions,
     }
     if sources:  # a mixture: the tokenizer is the first source's (all share it); validation per source
         data["path"] = str(cfg.data.sources[next(iter(sorted(cfg.data.sources)))].path)
@@ -454,7 +456,8 @@ def locked_run(cfg: DictConfig) -> RunResult:
         sources=sources,
         alpha=cfg.data.alpha,
     )
-    ckpt_path = resolve_resume(cfg, ckpt_dir)
+    branch_ckpt = branch.prepare(cfg)  # a cooldown branch: decay start and max_steps from its checkpoint
+    ckpt_path = resolve_resume(cfg, ckpt_dir) or branch_ckpt
     if ckpt_path is not None:  # a checkpoint never runs code: refused with one line before Lightning reads it
         verify_for_resume(ckpt_path)
     preflight.check_run(cfg, datamodule.manifest["vocab_size"])  # before the model is allocated

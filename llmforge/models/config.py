@@ -26,6 +26,8 @@ class TransformerConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     n_decoder_layers: int | None = None  # encoder-decoder only; None: as many as n_layers
+    mup: bool = False  # maximal-update parameterisation (width transfer), see `width_mult`
+    mup_base_width: int = 256  # the d_model at which µP equals the standard parameterisation
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -38,6 +40,23 @@ class TransformerConfig:
             raise ValueError(f"head dimension {self.head_dim} must be even for RoPE")
         if self.n_decoder_layers is not None and self.n_decoder_layers < 1:
             raise ValueError(f"model.n_decoder_layers must be >= 1 (or null), got {self.n_decoder_layers}")
+        if self.mup and self.mup_base_width < 1:
+            raise ValueError(f"model.mup_base_width must be >= 1, got {self.mup_base_width}")
+
+    @property
+    def width_mult(self) -> float:
+        """µP's width multiplier m = d_model / mup_base_width (1 without µP). With µP (Tensor Programs V,
+        Adam): hidden matrices (those inside the blocks) are initialised with std / sqrt(m) and trained with
+        LR / m (`llmforge.objectives.base.param_groups`); the embedding, norms and head keep std and LR;
+        the logits are multiplied by 1 / m; attention scores are scaled by 1 / sqrt(head_dim * m), i.e.
+        1 / head_dim up to the base's constant when the width grows at a fixed number of heads. At
+        d_model = mup_base_width all of this is the standard parameterisation, exactly."""
+        return self.d_model / self.mup_base_width if self.mup else 1.0
+
+    @property
+    def attention_scale(self) -> float | None:
+        """Scale of the attention scores: None (1 / sqrt(head_dim)) without µP."""
+        return (self.head_dim * self.width_mult) ** -0.5 if self.mup else None
 
     @property
     def kv_heads(self) -> int:

@@ -33,10 +33,12 @@ The training path (``cache=None``) is unchanged.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 # torch-free, so that composing a config never imports torch; importable from here as before
 from llmforge.models.config import TransformerConfig
@@ -160,8 +162,19 @@ def key_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 EXPLICIT_ATTENTION_MAX_LEN = 256
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool):
-    """Attention over (batch, heads, seq, head_dim), expanding grouped K/V heads; mask: True = may attend."""
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | BlockMask | None,
+    causal: bool,
+    scale: float | None = None,
+):
+    """Attention over (batch, heads, seq, head_dim), expanding grouped K/V heads; mask: True = may attend,
+    or a flex-attention `BlockMask` (`document_mask` on CUDA), which holds any causality itself.
+    ``scale``: of the scores, default 1/sqrt(head_dim)."""
+    if isinstance(mask, BlockMask):
+        return flex_attend(q, k, v, mask, scale)
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -171,13 +184,63 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         causal = False
     explicit = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
     if not explicit or max(t, s) > EXPLICIT_ATTENTION_MAX_LEN:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     if causal:
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+
+
+# -- document masking ------------------------------------------------------------------------------------
+# Packed windows hold several documents. With ``doc_ids`` (batch, seq) a query attends only to keys of its
+# own document (and, causally, to earlier ones). Padding has document id -1: it attends to padding only,
+# and a padding query of cross-attention to every key (its output is never scored), so no row is empty.
+_compiled: dict[str, Callable] = {}
+
+
+def _flex(name: str) -> Callable:
+    """flex_attention / create_block_mask, compiled once on CUDA (eager flex attention is a slow
+    reference implementation; on CPU it runs forward only, which the tests use)."""
+    if name not in _compiled:
+        fn = {"attention": flex_attention, "block_mask": create_block_mask}[name]
+        _compiled[name] = torch.compile(fn, dynamic=False) if torch.cuda.is_available() else fn
+    return _compiled[name]
+
+
+def flex_attend(q, k, v, mask: BlockMask, scale: float | None) -> torch.Tensor:
+    fn = _flex("attention") if q.is_cuda else flex_attention
+    return fn(q, k, v, block_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def document_mask(
+    q_doc: torch.Tensor, k_doc: torch.Tensor, causal: bool, flex: bool | None = None
+) -> torch.Tensor | BlockMask:
+    """The attention mask of packed documents: query i may see key j when both are in the same document
+    (``q_doc[b, i] == k_doc[b, j]``) and, if ``causal``, j <= i; a padding query (id < 0) of
+    cross-attention sees every key. ``flex`` (default: on CUDA) gives a flex-attention `BlockMask` (memory
+    O(seq^2 / 128^2), the fast kernels skip whole blocks); otherwise a dense boolean (batch, 1, t, s) for
+    SDPA (on CPU SDPA takes it at about the cost of the causal kernel at a few hundred tokens)."""
+    cross = q_doc is not k_doc
+    if q_doc.is_cuda if flex is None else flex:
+
+        def mask_mod(b, h, i, j):
+            same = q_doc[b, i] == k_doc[b, j]
+            if causal:
+                same = same & (j <= i)
+            return same | (q_doc[b, i] < 0) if cross else same
+
+        b, t, s = q_doc.shape[0], q_doc.shape[1], k_doc.shape[1]
+        make = _flex("block_mask") if q_doc.is_cuda else create_block_mask
+        return make(mask_mod, b, None, t, s, device=q_doc.device)
+    mask = q_doc[:, None, :, None] == k_doc[:, None, None, :]
+    if causal:
+        t, s = q_doc.shape[1], k_doc.shape[1]
+        mask = mask & torch.ones(t, s, dtype=torch.bool, device=q_doc.device).tril()
+    if cross:
+        mask = mask | (q_doc < 0)[:, None, :, None]
+    return mask
 
 
 class Attention(nn.Module):
@@ -186,6 +249,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.scale = cfg.attention_scale
         kv = cfg.kv_heads * cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
@@ -196,7 +260,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         causal: bool,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BlockMask | None = None,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
     ) -> torch.Tensor:
@@ -217,7 +281,7 @@ class Attention(nn.Module):
             k_buf[:, :, start : start + t] = k
             v_buf[:, :, start : start + t] = v
             k, v = k_buf[:, :, : start + t], v_buf[:, :, : start + t]
-        y = attend(q, k, v, mask, causal)
+        y = attend(q, k, v, mask, causal, self.scale)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -227,19 +291,20 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.scale = cfg.attention_scale
         kv = cfg.kv_heads * cfg.head_dim
         self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.kv = nn.Linear(cfg.d_model, 2 * kv, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(
-        self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None
+        self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | BlockMask | None = None
     ) -> torch.Tensor:
         b, t, d = x.shape
         s = memory.shape[1]
         q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(memory).view(b, s, 2 * self.kv_heads, self.head_dim).transpose(1, 2).chunk(2, dim=1)
-        y = attend(q, k, v, mask, causal=False)
+        y = attend(q, k, v, mask, causal=False, scale=self.scale)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -271,7 +336,7 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         causal: bool,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BlockMask | None = None,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
     ) -> torch.Tensor:
@@ -297,28 +362,40 @@ class DecoderBlock(nn.Module):
         memory: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        memory_mask: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | BlockMask | None = None,
+        self_mask: torch.Tensor | BlockMask | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, True)
+        """``self_mask``: a document mask that holds the causal mask too (`document_mask`), or None."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, self_mask is None, self_mask)
         x = x + self.cross(self.cross_norm(x), memory, memory_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
-def init_weights(model: nn.Module, std: float, residual_std: dict[str, float]) -> None:
+def init_weights(model: nn.Module, std: float, residual_std: dict[str, float], hidden: float = 1.0) -> None:
     """Normal(0, std) for every matrix; a residual projection (``...attn.out``, ``...cross.out``,
-    ``...mlp.down``) under a name prefix of ``residual_std`` gets that std. Norm weights stay at one."""
+    ``...mlp.down``) under a name prefix of ``residual_std`` (a stack of blocks) gets that std. Every matrix
+    of those stacks is multiplied by ``hidden`` (µP: 1 / sqrt(width_mult)). Norm weights stay at one."""
     for name, p in model.named_parameters():
         if p.dim() < 2:
             continue
+        prefix = next((k for k in residual_std if name.startswith(k)), None)
+        if prefix is None:  # embedding, head
+            nn.init.normal_(p, mean=0.0, std=std)
+            continue
         scaled = name.endswith(("attn.out.weight", "cross.out.weight", "mlp.down.weight"))
-        prefix = next((k for k in residual_std if name.startswith(k)), None) if scaled else None
-        nn.init.normal_(p, mean=0.0, std=std if prefix is None else residual_std[prefix])
+        nn.init.normal_(p, mean=0.0, std=(residual_std[prefix] if scaled else std) * hidden)
+
+
+def output_mult(cfg: TransformerConfig) -> float:
+    """Multiplier of the logits: 1 / width_mult under µP, else 1."""
+    return 1.0 / cfg.width_mult
 
 
 class Transformer(nn.Module):
     """Decoder-only language model: token ids (batch, seq) -> logits (batch, seq, vocab)."""
 
     causal: bool = True
+    flex_attention: bool | None = None  # document masks as flex-attention block masks; None: on CUDA
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -337,21 +414,40 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) everywhere; residual projections scaled by 1/sqrt(2 * n_layers)."""
+        """Normal(0, init_std) everywhere; residual projections scaled by 1/sqrt(2 * n_layers); µP: the
+        blocks' matrices by 1/sqrt(width_mult) too."""
         std = self.cfg.init_std
-        init_weights(self, std, {"blocks.": std / math.sqrt(2 * self.cfg.n_layers)})
+        hidden = self.cfg.width_mult**-0.5
+        init_weights(self, std, {"blocks.": std / math.sqrt(2 * self.cfg.n_layers)}, hidden)
         reset_rope(self, self.cfg)
+
+    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head multiplies: the final norm of the residual stream (times µP's output multiplier)."""
+        x = self.norm(x)
+        return x if self.cfg.width_mult == 1.0 else x * output_mult(self.cfg)
 
     def rope(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_slice(self, t)
 
-    def trunk(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Embedding and blocks: the residual stream (batch, seq, d_model), before the final norm."""
-        cos, sin = self.rope(tokens.shape[1])
-        mask = key_mask(attention_mask)
+    def trunk(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Embedding and blocks: the residual stream (batch, seq, d_model), before the final norm.
+
+        ``position_ids`` (batch, seq): RoPE positions (default 0, 1, ...); ``doc_ids`` (batch, seq): the
+        document of every token of packed windows (-1: padding), attention stays inside a document
+        (`document_mask`); it replaces ``attention_mask``."""
+        cos, sin = rope_table(self, tokens.shape[1], position_ids)
+        causal, mask = self.causal, key_mask(attention_mask)
+        if doc_ids is not None:
+            causal, mask = False, document_mask(doc_ids, doc_ids, self.causal, self.flex_attention)
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x, cos, sin, self.causal, mask)
+            x = block(x, cos, sin, causal, mask)
         return x
 
     def trunk_cached(
@@ -391,11 +487,13 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (batch, seq, vocab). With a ``cache``: incremental decoding (`trunk_cached`)."""
+        """Logits (batch, seq, vocab). With a ``cache``: incremental decoding (`trunk_cached`); without,
+        ``positions`` and ``doc_ids`` are those of `trunk` (packed documents)."""
         if cache is None:
-            return self.head(self.norm(self.trunk(tokens)))
-        return self.head(self.norm(self.trunk_cached(tokens, cache, positions, attention_mask)))
+            return self.head(self.head_input(self.trunk(tokens, position_ids=positions, doc_ids=doc_ids)))
+        return self.head(self.head_input(self.trunk_cached(tokens, cache, positions, attention_mask)))
 
 
 class KVCache:
@@ -450,6 +548,15 @@ def rope_slice(model: nn.Module, t: int) -> tuple[torch.Tensor, torch.Tensor]:
     return model.rope_cos[:t], model.rope_sin[:t]
 
 
+def rope_table(
+    model: nn.Module, t: int, position_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of positions 0..t-1 (t, head_dim), or of ``position_ids`` (batch, t) per row."""
+    if position_ids is None:
+        return rope_slice(model, t)
+    return model.rope_cos[position_ids], model.rope_sin[position_ids]
+
+
 def reset_rope(model: nn.Module, cfg: TransformerConfig) -> None:
     if not model.rope_cos.is_meta:
         cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -472,11 +579,14 @@ class Encoder(Transformer):
         tokens: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.trunk(tokens, attention_mask)
+        """``position_ids``, ``doc_ids``: RoPE positions and packed documents, as in `Transformer.trunk`."""
+        x = self.trunk(tokens, attention_mask, position_ids, doc_ids)
         if positions is not None:
             x = x.flatten(0, 1).index_select(0, positions)
-        return self.head(self.norm(x))
+        return self.head(self.head_input(x))
 
 
 class EncoderDecoder(nn.Module):
@@ -486,6 +596,8 @@ class EncoderDecoder(nn.Module):
     (causal self-attention, cross-attention to the normed encoder output, SwiGLU) and a final norm; one
     embedding shared by both stacks, and the head (tied to it if ``tie_embeddings``).
     """
+
+    flex_attention: bool | None = None  # as `Transformer.flex_attention`
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -513,15 +625,28 @@ class EncoderDecoder(nn.Module):
             "encoder.": std / math.sqrt(2 * self.cfg.n_layers),
             "decoder.": std / math.sqrt(3 * self.cfg.decoder_layers),
         }
-        init_weights(self, std, residual)
+        init_weights(self, std, residual, self.cfg.width_mult**-0.5)
         reset_rope(self, self.cfg)
+
+    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head multiplies: the final norm of the decoder (times µP's output multiplier)."""
+        x = self.norm(x)
+        return x if self.cfg.width_mult == 1.0 else x * output_mult(self.cfg)
 
     def rope(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_slice(self, t)
 
-    def encode(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        cos, sin = self.rope(tokens.shape[1])
+    def encode(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cos, sin = rope_table(self, tokens.shape[1], position_ids)
         mask = key_mask(attention_mask)
+        if doc_ids is not None:
+            mask = document_mask(doc_ids, doc_ids, False, self.flex_attention)
         x = self.embed(tokens)
         for block in self.encoder:
             x = block(x, cos, sin, False, mask)
@@ -532,19 +657,37 @@ class EncoderDecoder(nn.Module):
         decoder_tokens: torch.Tensor,
         memory: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        memory_doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        cos, sin = self.rope(decoder_tokens.shape[1])
-        mask = key_mask(attention_mask)
+        """``doc_ids`` (batch, t) of the decoder tokens and ``memory_doc_ids`` (batch, s) of the encoder's:
+        causal self-attention within a document, cross-attention to the same document's encoder tokens."""
+        cos, sin = rope_table(self, decoder_tokens.shape[1], position_ids)
+        self_mask, memory_mask = None, key_mask(attention_mask)
+        if doc_ids is not None:
+            if memory_doc_ids is None:
+                raise ValueError("decoder doc_ids need the encoder's memory_doc_ids")
+            self_mask = document_mask(doc_ids, doc_ids, True, self.flex_attention)
+            memory_mask = document_mask(doc_ids, memory_doc_ids, False, self.flex_attention)
         x = self.embed(decoder_tokens)
         for block in self.decoder:
-            x = block(x, memory, cos, sin, mask)
-        return self.head(self.norm(x))
+            x = block(x, memory, cos, sin, memory_mask, self_mask)
+        return self.head(self.head_input(x))
 
     def forward(
         self,
         tokens: torch.Tensor,
         decoder_tokens: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        decoder_position_ids: torch.Tensor | None = None,
+        decoder_doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``attention_mask`` (batch, s): 1 at real input tokens; hides input padding from both stacks."""
-        return self.decode(decoder_tokens, self.encode(tokens, attention_mask), attention_mask)
+        """``attention_mask`` (batch, s): 1 at real input tokens; hides input padding from both stacks.
+        ``position_ids``/``doc_ids`` and their ``decoder_`` twins: packed documents (`decode`)."""
+        memory = self.encode(tokens, attention_mask, position_ids, doc_ids)
+        return self.decode(
+            decoder_tokens, memory, attention_mask, decoder_position_ids, decoder_doc_ids, doc_ids
+        )

@@ -12,39 +12,94 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
-from llmforge.config import OptimConfig
+from llmforge.config import DECAY_SHAPES, SCHEDULES, OptimConfig
 from llmforge.models.transformer import Block, DecoderBlock, TransformerConfig, flops_per_token
 
 
-def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak LR at optimizer step `step`: linear warmup, then cosine/linear/constant."""
+def decay_curve(progress: float, shape: str) -> float:
+    """1 -> 0 as progress p goes 0 -> 1: ``linear`` 1 - p, ``cosine`` (1 + cos(pi p)) / 2, ``1-sqrt``
+    1 - sqrt(p) (Hägele et al. 2024: better than linear for cooldowns)."""
+    if shape == "linear":
+        return 1.0 - progress
+    if shape == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if shape == "1-sqrt":
+        return 1.0 - math.sqrt(progress)
+    raise ValueError(f"optim.decay_shape={shape!r} is not one of {', '.join(DECAY_SHAPES)}")
+
+
+def lr_factor(
+    step: int,
+    *,
+    warmup: int,
+    total: int,
+    schedule: str,
+    min_ratio: float,
+    decay_start: int | None = None,
+    decay_shape: str = "linear",
+) -> float:
+    """Multiplier of the peak LR at optimizer step `step`: linear warmup, then
+
+    - ``cosine`` / ``linear``: decay from the end of warmup to ``min_ratio`` at ``total``;
+    - ``constant``: the peak;
+    - ``wsd`` and ``wsd_decay`` (warmup-stable-decay): the peak until ``decay_start``, then a decay of shape
+      ``decay_shape`` to ``min_ratio`` at ``total``; before ``decay_start`` it is ``constant``.
+    After ``total`` the factor stays at its final value.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule={schedule!r} is not one of {', '.join(SCHEDULES)}")
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
+    if schedule in ("wsd", "wsd_decay"):
+        start = total if decay_start is None else max(decay_start, warmup)
+        if step < start or total <= start:
+            return 1.0
+        progress = min(1.0, (step - start) / (total - start))
+        return min_ratio + (1.0 - min_ratio) * decay_curve(progress, decay_shape)
     if schedule == "constant" or total <= warmup:
         return 1.0
     progress = min(1.0, (step - warmup) / (total - warmup))
-    if schedule == "cosine":
-        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-    elif schedule == "linear":
-        decay = 1.0 - progress
-    else:
-        raise ValueError(f"optim.schedule={schedule!r} is not one of cosine, linear, constant")
-    return min_ratio + (1.0 - min_ratio) * decay
+    shape = "cosine" if schedule == "cosine" else "linear"
+    return min_ratio + (1.0 - min_ratio) * decay_curve(progress, shape)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matmul weights only: none on norms, biases and embeddings."""
+def wsd_decay_start(total: int, decay_fraction: float) -> int:
+    """First step of the decay of ``schedule=wsd``: the last ``decay_fraction`` of ``total`` steps decay."""
+    return total - round(decay_fraction * total)
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None, width_mult: float = 1.0
+) -> list[dict]:
+    """Weight decay on matmul weights only: none on norms, biases and embeddings.
+
+    With µP (``width_mult`` != 1, `TransformerConfig.width_mult`), the matrices inside the transformer
+    blocks (hidden weights: their fan-in grows with the width) form a third group trained at ``lr /
+    width_mult``; the embedding, the head and the vectors keep ``lr``.
+    """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
+    hidden_ids = set()
+    if width_mult != 1.0:
+        if lr is None:
+            raise ValueError("param_groups needs the peak lr to scale µP's hidden LR")
+        blocks = (m for m in model.modules() if isinstance(m, Block | DecoderBlock))
+        hidden_ids = {id(p) for b in blocks for p in b.parameters() if p.dim() >= 2}
+    decay, hidden, no_decay, seen = [], [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [
+        if id(p) in hidden_ids:
+            hidden.append(p)
+        else:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if width_mult != 1.0:
+        groups.insert(1, {"params": hidden, "weight_decay": weight_decay, "lr": lr / width_mult})
+    return groups
 
 
 def require_special_tokens(special_tokens: dict[str, int], needed: dict[str, str], objective: str) -> None:
@@ -72,8 +127,9 @@ class PretrainModule(L.LightningModule):
 
     ``data`` describes the token shards the run trains on, as `llmforge.training.build_module` passes it:
     ``path``, ``seq_len`` (window length), ``vocab_size`` (the tokenizer's, before rounding up for the
-    model) and ``seed`` (data.seed). Objectives whose collate depends on them (masking, span lengths)
-    check them, and the special tokens they need, in ``__init__``: before any training step.
+    model), ``seed`` (data.seed), ``document_mask`` and ``document_positions`` (`document_options`).
+    Objectives whose collate depends on them (masking, span lengths) check them, and the special tokens
+    they need, in ``__init__``: before any training step.
     """
 
     metric_names: tuple[str, ...] = ()  # keys of `loss`'s extra metrics that validation averages too
@@ -92,6 +148,10 @@ class PretrainModule(L.LightningModule):
         self.optim_cfg = OptimConfig(**optim)
         self.special_tokens = dict(special_tokens)
         self.data_info = dict(data or {})
+        if self.data_info.get("document_mask"):
+            require_special_tokens(
+                self.special_tokens, {"eos": "data.document_mask (documents end with it)"}, objective=name
+            )
         self.model = self.build_model()
         self.val_loss = MeanMetric()
         self.val_metrics = nn.ModuleDict({k: MeanMetric() for k in self.metric_names})
@@ -112,6 +172,16 @@ class PretrainModule(L.LightningModule):
     def loss(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         """(mean loss over scored tokens, number of scored tokens, extra metrics)."""
         raise NotImplementedError  # abstract
+
+    def document_options(self) -> dict:
+        """Collate arguments for ``data.document_mask``: the EOS id that ends documents and whether RoPE
+        positions restart per document (``data.document_positions=reset``); {} without masking."""
+        if not self.data_info.get("document_mask"):
+            return {}
+        return {
+            "document_eos_id": self.special_tokens["eos"],
+            "reset_positions": self.data_info.get("document_positions", "continue") == "reset",
+        }
 
     # -- what the throughput callback counts -------------------------------------------------------
     def tokens_in_batch(self, batch: dict) -> int:
@@ -193,24 +263,46 @@ class PretrainModule(L.LightningModule):
         return total / weights if weights else pooled
 
     def total_steps(self) -> int:
-        if self.optim_cfg.decay_steps:
-            return self.optim_cfg.decay_steps
+        o = self.optim_cfg
+        if o.schedule == "wsd_decay":
+            return self.decay_start() + int(o.cooldown_steps or 0)
+        if o.decay_steps:
+            return o.decay_steps
         return int(self.trainer.max_steps) if self.trainer.max_steps > 0 else 0
 
-    def configure_optimizers(self) -> dict:
+    def decay_start(self) -> int | None:
+        """First step of the decay: ``wsd``, the last ``optim.decay_fraction`` of the steps; ``wsd_decay``
+        (a cooldown branch), ``optim.decay_start`` (the branch checkpoint's step, see `llmforge.branch`)."""
         o = self.optim_cfg
-        # not fused: Lightning's AMP plugins refuse gradient clipping with fused optimizers
-        optimizer = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
-        )
-        factor = partial(
+        if o.schedule == "wsd_decay":
+            if o.decay_start is None:
+                raise ValueError("optim.schedule=wsd_decay needs branch_from=CKPT (or optim.decay_start)")
+            return o.decay_start
+        if o.schedule == "wsd":
+            if o.decay_start is None:
+                return wsd_decay_start(self.total_steps(), o.decay_fraction)
+            return o.decay_start
+        return None
+
+    def lr_lambda(self) -> Callable[[int], float]:
+        """The LR multiplier of every step (`lr_factor` with this run's ``optim`` keys)."""
+        o = self.optim_cfg
+        return partial(
             lr_factor,
             warmup=o.warmup_steps,
             total=self.total_steps(),
             schedule=o.schedule,
             min_ratio=o.min_lr_ratio,
+            decay_start=self.decay_start(),
+            decay_shape=o.decay_shape,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def configure_optimizers(self) -> dict:
+        o = self.optim_cfg
+        # not fused: Lightning's AMP plugins refuse gradient clipping with fused optimizers
+        groups = param_groups(self.model, o.weight_decay, o.lr, self.model_cfg.width_mult)  # µP: LR per group
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_model(self) -> None:

@@ -45,10 +45,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmforge.config import DENOISE_VARIANTS
+from llmforge.data.documents import document_batch, document_ids
 from llmforge.models.transformer import EncoderDecoder, flops_per_token
 from llmforge.objectives.base import PretrainModule, require_special_tokens
 
 IGNORE_INDEX = -100
+DOCUMENT_KEYS = ("position_ids", "doc_ids", "decoder_position_ids", "decoder_doc_ids")
 
 
 # -- span corruption ----------------------------------------------------------------------------------
@@ -109,12 +111,14 @@ def span_corruption_collate(
     start_id: int,
     noise_density: float = 0.15,
     mean_span_length: float = 3.0,
+    document_eos_id: int | None = None,
+    reset_positions: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Windows {"index", "tokens" (seq_len + 1, -1 padded)} -> a span-corrupted batch.
 
     Returns ``input_ids`` (batch, S), ``decoder_input_ids`` and ``labels`` (batch, T), ``index``, and
     ``attention_mask`` (1 at real input tokens) only when some input is shorter than S; (S, T) =
-    `span_lengths` (seq_len, ...).
+    `span_lengths` (seq_len, ...). With ``document_eos_id``: the document entries of `packed_documents`.
     """
     index = np.array([s["index"] for s in samples], dtype=np.int64)
     windows = np.stack([s["tokens"] for s in samples])[:, :-1]
@@ -128,13 +132,40 @@ def span_corruption_collate(
     inputs = np.full((b, in_len), pad_id, dtype=np.int64)
     labels = np.full((b, tgt_len), IGNORE_INDEX, dtype=np.int64)
     lengths = np.zeros(b, dtype=np.int64)
+    docs = None if document_eos_id is None else (np.full_like(inputs, -1), np.full_like(labels, -1))
     for r, window in enumerate(windows):
         n = int((window >= 0).sum())  # padding only ever ends a window
         noise = random_spans_noise_mask(n, noise_density, mean_span_length, rng)
         x, y = corrupt_spans(window[:n], noise, sentinel_ids, eos_id)
         inputs[r, : len(x)], labels[r, : len(y)] = x, y
         lengths[r] = len(x)
-    return _encdec_batch(inputs, labels, lengths, index, pad_id, start_id)
+        if docs is not None:
+            x_doc, y_doc = span_documents(document_ids(window[None, :n], document_eos_id)[0], noise)
+            docs[0][r, : len(x)], docs[1][r, : len(y)] = x_doc, y_doc
+    return _encdec_batch(inputs, labels, lengths, index, pad_id, start_id, docs, reset_positions)
+
+
+def span_documents(doc: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Documents of the (inputs, targets) `corrupt_spans` makes of source tokens in documents ``doc``.
+
+    A noise span belongs to the document it starts in, whole (its sentinel in the input, its sentinel and
+    tokens in the target), even where it runs on into the next document; other tokens keep their own. So
+    every document of the target has input tokens of its own to attend to: at least its spans' sentinels.
+    The final EOS of both belongs to the last source token's document.
+    """
+    eff = effective_documents(doc, noise)
+    starts = noise & ~np.concatenate([[False], noise[:-1]])
+    x_doc = eff[~noise | starts]
+    y_doc = np.insert(eff[noise], np.flatnonzero(starts[noise]), eff[starts])
+    return np.append(x_doc, eff[-1]), np.append(y_doc, eff[-1])
+
+
+def effective_documents(doc: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """``doc``, with every noise token given the document of its span's first token."""
+    idx = np.arange(len(doc))
+    starts = noise & ~np.concatenate([[False], noise[:-1]])
+    first = np.maximum.accumulate(np.where(starts, idx, 0))
+    return np.where(noise, doc[first], doc)
 
 
 # -- text infilling -------------------------------------------------------------------------------------
@@ -183,9 +214,13 @@ def infill_collate(
     start_id: int,
     noise_density: float = 0.3,
     mean_span_length: float = 3.0,
+    document_eos_id: int | None = None,
+    reset_positions: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Windows -> a BART text-infilling batch: ``input_ids`` (batch, seq_len), ``decoder_input_ids`` and
-    ``labels`` (batch, seq_len), ``index``, and ``attention_mask`` when an input is shorter."""
+    ``labels`` (batch, seq_len), ``index``, and ``attention_mask`` when an input is shorter. With
+    ``document_eos_id``: document entries as `span_corruption_collate`'s (a span, and its ``<mask>``,
+    belong to the document it starts in)."""
     index = np.array([s["index"] for s in samples], dtype=np.int64)
     windows = np.stack([s["tokens"] for s in samples])[:, :-1]
     b, seq_len = windows.shape
@@ -193,6 +228,7 @@ def infill_collate(
     inputs = np.full((b, seq_len), pad_id, dtype=np.int64)
     labels = np.where(windows >= 0, windows, IGNORE_INDEX)
     lengths = np.zeros(b, dtype=np.int64)
+    docs = None if document_eos_id is None else (np.full_like(inputs, -1), np.full_like(labels, -1))
     for r, window in enumerate(windows):
         n = int((window >= 0).sum())
         starts, span_len = infill_spans(n, noise_density, mean_span_length, rng)
@@ -202,7 +238,13 @@ def infill_collate(
         x = np.insert(window[:n][~noise], kept_before, mask_id)
         inputs[r, : len(x)] = x
         lengths[r] = len(x)
-    return _encdec_batch(inputs, labels, lengths, index, pad_id, start_id)
+        if docs is not None:
+            doc = document_ids(window[None, :n], document_eos_id)[0]
+            eff = effective_documents(doc, noise)
+            span_doc = doc[np.minimum(starts, n - 1)]  # an insertion: the document of the token it precedes
+            docs[0][r, : len(x)] = np.insert(eff[~noise], kept_before, span_doc)
+            docs[1][r, :n] = eff
+    return _encdec_batch(inputs, labels, lengths, index, pad_id, start_id, docs, reset_positions)
 
 
 def _within(lengths: np.ndarray) -> np.ndarray:
@@ -211,10 +253,18 @@ def _within(lengths: np.ndarray) -> np.ndarray:
     return np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
-def _encdec_batch(inputs, labels, lengths, index, pad_id: int, start_id: int) -> dict[str, torch.Tensor]:
+def _encdec_batch(
+    inputs, labels, lengths, index, pad_id: int, start_id: int, docs=None, reset_positions: bool = False
+) -> dict[str, torch.Tensor]:
+    """The batch dict; ``docs``: (input, target) document ids, -1 at padding, or None. With documents, the
+    decoder input restarts with the start token at every document's first target token, so each document
+    is decoded as if alone."""
     decoder_inputs = np.full_like(labels, pad_id)
     decoder_inputs[:, 0] = start_id
     decoder_inputs[:, 1:] = np.where(labels[:, :-1] >= 0, labels[:, :-1], pad_id)
+    if docs is not None:
+        y_doc = docs[1]
+        decoder_inputs[:, 1:][(y_doc[:, 1:] != y_doc[:, :-1]) & (y_doc[:, 1:] >= 0)] = start_id
     batch = {
         "input_ids": torch.from_numpy(inputs),
         "decoder_input_ids": torch.from_numpy(decoder_inputs),
@@ -223,6 +273,9 @@ def _encdec_batch(inputs, labels, lengths, index, pad_id: int, start_id: int) ->
     }
     if (lengths < inputs.shape[1]).any():
         batch["attention_mask"] = torch.from_numpy(np.arange(inputs.shape[1]) < lengths[:, None])
+    if docs is not None:
+        batch.update(document_batch(docs[0], reset_positions))
+        batch.update(document_batch(docs[1], reset_positions, prefix="decoder_"))
     return batch
 
 
@@ -305,6 +358,7 @@ class Denoise(PretrainModule):
             start_id=self.special_tokens[self.decoder_start_token],
             noise_density=self.noise_density,
             mean_span_length=self.mean_span_length,
+            **self.document_options(),
         )
         if self.variant == "infill":
             return partial(infill_collate, mask_id=self.special_tokens["mask"], **common)
@@ -322,7 +376,12 @@ class Denoise(PretrainModule):
         return self.model(input_ids, decoder_input_ids, attention_mask)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-        logits = self.model(batch["input_ids"], batch["decoder_input_ids"], batch.get("attention_mask"))
+        logits = self.model(
+            batch["input_ids"],
+            batch["decoder_input_ids"],
+            batch.get("attention_mask"),
+            **{k: batch[k] for k in DOCUMENT_KEYS if k in batch},
+        )
         labels = batch["labels"]
         loss = F.cross_entropy(
             logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE_INDEX

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmforge.data.documents import document_batch, document_ids
 from llmforge.models.transformer import Encoder, flops_per_token
 from llmforge.objectives.base import PretrainModule, require_special_tokens
 
@@ -93,13 +94,16 @@ def mlm_collate(
     mask_token_prob: float = 0.8,
     random_token_prob: float = 0.1,
     word_start: np.ndarray | None = None,
+    document_eos_id: int | None = None,
+    reset_positions: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Windows {"index", "tokens" (seq_len + 1, -1 padded)} -> a masked batch.
 
     Returns ``input_ids`` (batch, seq_len), ``labels`` (-100 where not selected), ``mlm_positions`` (flat
     indices of the selected tokens), ``index``, and ``attention_mask`` (1 at real tokens) only when the
     batch holds padding. ``random_ids``: the non-special ids replacements are drawn from; ``word_start``:
-    per vocabulary id, whether a token opens a word (whole word masking), or None.
+    per vocabulary id, whether a token opens a word (whole word masking), or None. With ``document_eos_id``
+    (``data.document_mask``): ``doc_ids`` (and ``position_ids`` to reset RoPE) from the unmasked tokens.
     """
     index = np.array([s["index"] for s in samples], dtype=np.int64)
     windows = np.stack([s["tokens"] for s in samples])[:, :-1]
@@ -126,6 +130,8 @@ def mlm_collate(
     }
     if not valid.all():
         batch["attention_mask"] = torch.from_numpy(valid)
+    if document_eos_id is not None:
+        batch.update(document_batch(document_ids(tokens, document_eos_id, valid), reset_positions))
     return batch
 
 
@@ -215,6 +221,7 @@ class MaskedLM(PretrainModule):
             mask_token_prob=self.mask_token_prob,
             random_token_prob=self.random_token_prob,
             word_start=word_start,
+            **self.document_options(),
         )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,7 +229,8 @@ class MaskedLM(PretrainModule):
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         positions = batch["mlm_positions"]
-        logits = self.model(batch["input_ids"], batch.get("attention_mask"), positions)
+        documents = {"position_ids": batch.get("position_ids"), "doc_ids": batch.get("doc_ids")}
+        logits = self.model(batch["input_ids"], batch.get("attention_mask"), positions, **documents)
         targets = batch["labels"].flatten().index_select(0, positions)
         if targets.numel() == 0:  # nothing maskable in the whole batch: a zero loss that keeps the graph
             zero = logits.float().sum() * 0.0
