@@ -36,6 +36,8 @@ class ObjectiveConfig:
 
     _target_: str = "llmforge.objectives.clm.CausalLM"
     name: str = "clm"
+    fused_ce: bool = True  # chunked head + cross-entropy: the logits of a whole micro-batch never exist
+    z_loss: float = 0.0  # weight of the z-loss, z_loss * mean(logsumexp(logits)^2) (PaLM: 1e-4)
 
 
 @dataclass

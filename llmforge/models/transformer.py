@@ -391,11 +391,16 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
-        """Logits (batch, seq, vocab). With a ``cache``: incremental decoding (`trunk_cached`)."""
+        """Logits (batch, seq, vocab). With a ``cache``: incremental decoding (`trunk_cached`).
+        ``head=False``: the head's input (batch, seq, d_model) instead, for a loss that applies the head
+        itself (chunked)."""
         if cache is None:
-            return self.head(self.norm(self.trunk(tokens)))
-        return self.head(self.norm(self.trunk_cached(tokens, cache, positions, attention_mask)))
+            x = self.norm(self.trunk(tokens))
+        else:
+            x = self.norm(self.trunk_cached(tokens, cache, positions, attention_mask))
+        return self.head(x) if head else x
 
 
 class KVCache:
@@ -472,11 +477,13 @@ class Encoder(Transformer):
         tokens: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
         x = self.trunk(tokens, attention_mask)
         if positions is not None:
             x = x.flatten(0, 1).index_select(0, positions)
-        return self.head(self.norm(x))
+        x = self.norm(x)
+        return self.head(x) if head else x
 
 
 class EncoderDecoder(nn.Module):
@@ -532,19 +539,23 @@ class EncoderDecoder(nn.Module):
         decoder_tokens: torch.Tensor,
         memory: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
         cos, sin = self.rope(decoder_tokens.shape[1])
         mask = key_mask(attention_mask)
         x = self.embed(decoder_tokens)
         for block in self.decoder:
             x = block(x, memory, cos, sin, mask)
-        return self.head(self.norm(x))
+        x = self.norm(x)
+        return self.head(x) if head else x
 
     def forward(
         self,
         tokens: torch.Tensor,
         decoder_tokens: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
-        """``attention_mask`` (batch, s): 1 at real input tokens; hides input padding from both stacks."""
-        return self.decode(decoder_tokens, self.encode(tokens, attention_mask), attention_mask)
+        """``attention_mask`` (batch, s): 1 at real input tokens; hides input padding from both stacks.
+        ``head=False``: the head's input (batch, t, d_model) instead of the logits."""
+        return self.decode(decoder_tokens, self.encode(tokens, attention_mask), attention_mask, head)

@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from llmforge.config import OptimConfig
 from llmforge.models.transformer import Block, DecoderBlock, TransformerConfig, flops_per_token
+from llmforge.objectives.loss import HeadLoss, chunked_loss, logits_loss
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -74,6 +75,11 @@ class PretrainModule(L.LightningModule):
     ``path``, ``seq_len`` (window length), ``vocab_size`` (the tokenizer's, before rounding up for the
     model) and ``seed`` (data.seed). Objectives whose collate depends on them (masking, span lengths)
     check them, and the special tokens they need, in ``__init__``: before any training step.
+
+    ``fused_ce``: the head and the cross-entropy run chunk by chunk over the tokens, without the logits of
+    the whole micro-batch (`llmforge.objectives.loss`); ``z_loss``: weight of the log-partition penalty.
+    An objective's ``loss`` returns what is minimised (cross-entropy + z-loss) with ``ce`` and ``z_loss``
+    among its extra metrics; ``train/loss`` and ``val/loss`` are the cross-entropy.
     """
 
     metric_names: tuple[str, ...] = ()  # keys of `loss`'s extra metrics that validation averages too
@@ -85,9 +91,14 @@ class PretrainModule(L.LightningModule):
         special_tokens: dict[str, int],
         name: str = "",
         data: dict | None = None,
+        fused_ce: bool = True,
+        z_loss: float = 0.0,
     ) -> None:
+        if z_loss < 0:
+            raise ValueError(f"objective.z_loss={z_loss} must be >= 0")
         super().__init__()
         self.save_hyperparameters()
+        self.fused_ce, self.z_loss = bool(fused_ce), float(z_loss)
         self.model_cfg = TransformerConfig(**model)
         self.optim_cfg = OptimConfig(**optim)
         self.special_tokens = dict(special_tokens)
@@ -110,8 +121,20 @@ class PretrainModule(L.LightningModule):
         raise NotImplementedError  # abstract: each objective owns its collate function
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-        """(mean loss over scored tokens, number of scored tokens, extra metrics)."""
+        """(loss to minimise, number of scored tokens, extra metrics: ``ce``, ``z_loss``, ...)."""
         raise NotImplementedError  # abstract
+
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, accuracy: bool = False) -> HeadLoss:
+        """The head and its loss on the head's input ``hidden`` (..., d_model) against ``labels`` (...):
+        chunked (``fused_ce``) or through the logits of all tokens."""
+        head = self.model.head
+        if self.fused_ce:
+            return chunked_loss(hidden, head.weight, labels, z_loss=self.z_loss, accuracy=accuracy)
+        return logits_loss(head(hidden), labels, z_loss=self.z_loss, accuracy=accuracy)
+
+    @staticmethod
+    def loss_metrics(result: HeadLoss) -> dict[str, torch.Tensor]:
+        return {"ce": result.ce, "z_loss": result.z_loss}
 
     # -- what the throughput callback counts -------------------------------------------------------
     def tokens_in_batch(self, batch: dict) -> int:
@@ -125,9 +148,14 @@ class PretrainModule(L.LightningModule):
     # -- shared training logic -------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _, extra = self.loss(batch)
-        self.last_train_loss = loss.detach()  # for the stability guard (before AMP scaling)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", torch.exp(loss.detach().float().clamp(max=30)))
+        extra = dict(extra)
+        ce = extra.pop("ce", loss).detach()
+        z = extra.pop("z_loss", None)
+        self.last_train_loss = ce  # for the stability guard (before AMP scaling)
+        self.log("train/loss", ce, prog_bar=True)
+        self.log("train/ppl", torch.exp(ce.float().clamp(max=30)))
+        if self.z_loss > 0 and z is not None:
+            self.log("train/z_loss", z)
         for key, value in extra.items():
             self.log(f"train/{key}", value)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
@@ -135,7 +163,7 @@ class PretrainModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         loss, n_tokens, extra = self.loss(batch)
-        self.val_loss.update(loss.detach().float(), weight=n_tokens)
+        self.val_loss.update(extra.get("ce", loss).detach().float(), weight=n_tokens)
         for key, metric in self.val_metrics.items():
             metric.update(extra[key].detach().float(), weight=n_tokens)
         if self.val_sources:
@@ -199,9 +227,9 @@ class PretrainModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         o = self.optim_cfg
-        # not fused: Lightning's AMP plugins refuse gradient clipping with fused optimizers
+        groups = param_groups(self.model, o.weight_decay)
         optimizer = torch.optim.AdamW(
-            param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps
+            groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **adamw_kernel(groups, self._precision())
         )
         factor = partial(
             lr_factor,
@@ -212,6 +240,27 @@ class PretrainModule(L.LightningModule):
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _precision(self) -> str:
+        trainer = self._trainer
+        return str(trainer.precision) if trainer is not None else "32-true"
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Lightning's mixed-precision plugin refuses to clip for a fused optimizer (it would unscale fp16
+        gradients itself); without a gradient scaler (bf16) there is nothing to unscale, and the gradients
+        are clipped here as Lightning's plain precision does."""
+        inner = getattr(optimizer, "_optimizer", optimizer)
+        fused = any(g.get("fused") for g in inner.param_groups)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not (fused and gradient_clip_val and scaler is None):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def configure_model(self) -> None:
         """Per transformer block (encoder and decoder blocks alike), in torchtitan's order: activation
@@ -240,6 +289,22 @@ class PretrainModule(L.LightningModule):
         for block in blocks:
             fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
         fully_shard(self.model, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
+
+
+FUSED_ADAMW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def adamw_kernel(groups: list[dict], precision: str) -> dict[str, bool]:
+    """AdamW's implementation: ``fused`` (one kernel for all parameters) when every parameter is a CUDA
+    tensor of a dtype it takes and no fp16 gradient scaler is in the way (``16-mixed``: Lightning unscales
+    before clipping, which fused AdamW would do inside its step); ``foreach`` (multi-tensor) elsewhere."""
+    params = [p for g in groups for p in g["params"]]
+    fused = (
+        bool(params)
+        and precision != "16-mixed"
+        and all(p.is_cuda and p.dtype in FUSED_ADAMW_DTYPES for p in params)
+    )
+    return {"fused": True} if fused else {"foreach": True}
 
 
 def checkpoint_activations(block: nn.Module) -> None:

@@ -7,13 +7,11 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmforge.models.transformer import Transformer
 from llmforge.objectives.base import PretrainModule
-
-IGNORE_INDEX = -100
+from llmforge.objectives.loss import IGNORE_INDEX
 
 
 def clm_collate(samples: list[dict], *, pad_id: int) -> dict[str, torch.Tensor]:
@@ -43,9 +41,5 @@ class CausalLM(PretrainModule):
         return self.model(input_ids)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-        logits = self.model(batch["input_ids"])
-        labels = batch["labels"]
-        loss = F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE_INDEX
-        )
-        return loss, int((labels != IGNORE_INDEX).sum()), {}
+        result = self.head_loss(self.model(batch["input_ids"], head=False), batch["labels"])
+        return result.loss, int(result.count), self.loss_metrics(result)

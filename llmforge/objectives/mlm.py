@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmforge.models.transformer import Encoder, flops_per_token
@@ -171,6 +170,8 @@ class MaskedLM(PretrainModule):
         mask_token_prob: float = 0.8,
         random_token_prob: float = 0.1,
         whole_word_mask: bool = False,
+        fused_ce: bool = True,
+        z_loss: float = 0.0,
     ) -> None:
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"objective.mask_prob={mask_prob} must be in (0, 1)")
@@ -185,7 +186,7 @@ class MaskedLM(PretrainModule):
         data = dict(data or {})
         if whole_word_mask and not data.get("path"):
             raise ValueError("objective.whole_word_mask needs the data's tokenizer (data.path)")
-        super().__init__(model, optim, special_tokens, name, data)
+        super().__init__(model, optim, special_tokens, name, data, fused_ce=fused_ce, z_loss=z_loss)
         self.mask_prob, self.mask_token_prob = mask_prob, mask_token_prob
         self.random_token_prob, self.whole_word_mask = random_token_prob, whole_word_mask
         vocab = int(data.get("vocab_size") or self.model_cfg.vocab_size)
@@ -222,15 +223,14 @@ class MaskedLM(PretrainModule):
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         positions = batch["mlm_positions"]
-        logits = self.model(batch["input_ids"], batch.get("attention_mask"), positions)
+        hidden = self.model(batch["input_ids"], batch.get("attention_mask"), positions, head=False)
         targets = batch["labels"].flatten().index_select(0, positions)
         if targets.numel() == 0:  # nothing maskable in the whole batch: a zero loss that keeps the graph
-            zero = logits.float().sum() * 0.0
-            return zero, 0, {"acc": zero.detach()}
-        loss = F.cross_entropy(logits.float(), targets)
-        with torch.no_grad():
-            acc = (logits.argmax(dim=-1) == targets).float().mean()
-        return loss, targets.numel(), {"acc": acc}
+            zero = self.model.head(hidden).float().sum() * 0.0
+            return zero, 0, {"acc": zero.detach(), "ce": zero.detach(), "z_loss": zero.detach()}
+        result = self.head_loss(hidden, targets, accuracy=True)
+        acc = result.correct.float() / targets.numel()
+        return result.loss, targets.numel(), {"acc": acc, **self.loss_metrics(result)}
 
     def flops_per_token(self, batch: dict) -> float:
         rows, seq_len = batch["input_ids"].shape
