@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from functools import partial, wraps
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
@@ -241,6 +243,24 @@ class PretrainModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if getattr(self, "compile_blocks", False) and not hasattr(self, "_first_step_start"):
+            self._first_step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        """With ``strategy.compile``: the first training step's time, compilation included (a log line and
+        ``perf/first_step_s``); the steady step time is ``perf/step_time_s``."""
+        start = getattr(self, "_first_step_start", None)
+        if start is None or getattr(self, "_first_step_logged", False):
+            return
+        self._first_step_logged = True
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        rank_zero_info(f"torch.compile: the first training step took {seconds:.1f} s (compilation included)")
+        if self.logger is not None:
+            self.logger.log_metrics({"perf/first_step_s": seconds}, step=self.global_step)
+
     def _precision(self) -> str:
         trainer = self._trainer
         return str(trainer.precision) if trainer is not None else "32-true"
@@ -263,7 +283,8 @@ class PretrainModule(L.LightningModule):
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def configure_model(self) -> None:
-        """Per transformer block (encoder and decoder blocks alike), in torchtitan's order: activation
+        """Per transformer block (encoder and decoder blocks alike), in torchtitan's order: float8 linear
+        layers (``precision=fp8-mixed``, `llmforge.fp8`), activation
         checkpointing (``strategy.activation_checkpointing``), ``torch.compile`` (``strategy.compile``),
         then under ``strategy=fsdp`` (ModelParallelStrategy) FSDP2 ``fully_shard`` with the mixed-precision
         policy of the run's precision; then the root. Parameter names stay as they are, so checkpoints are
@@ -272,12 +293,16 @@ class PretrainModule(L.LightningModule):
             return  # Lightning calls the hook again for validate/test: wrap once
         self._model_configured = True
         blocks = [m for m in self.model.modules() if isinstance(m, Block | DecoderBlock)]
+        mesh = getattr(self, "device_mesh", None)
+        if getattr(self, "float8", False):
+            from llmforge.fp8 import convert_to_float8
+
+            convert_to_float8(self.model, fsdp=mesh is not None)
         for block in blocks:
             if getattr(self, "activation_checkpointing", False):
                 checkpoint_activations(block)
             if getattr(self, "compile_blocks", False):
                 compile_forward(block)
-        mesh = getattr(self, "device_mesh", None)
         if mesh is None:
             return
         from torch.distributed.fsdp import fully_shard
