@@ -108,6 +108,27 @@ def test_default_chunk():
     assert default_chunk(100_000, 128_000, 64) == 256  # at least 256 rows
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_liger", [False, True])
+def test_cuda_paths_equal_the_plain_head(use_liger):
+    """On CUDA: the torch chunked path, and Liger-Kernel's kernel where it is installed."""
+    from llmforge.objectives.loss import liger_available
+
+    if use_liger and not liger_available():
+        pytest.skip("liger-kernel is not installed")
+    hidden, weight, labels = (t.detach().cuda() for t in random_head(n=1000, v=3000))
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    want = logits_loss(hidden @ weight.t(), labels, z_loss=1e-2)
+    got = chunked_loss(hidden, weight, labels, z_loss=1e-2, chunk=256, use_liger=use_liger)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.z_loss, want.z_loss, rtol=1e-4, atol=1e-6)
+    got_grads = torch.autograd.grad(got.loss, (hidden, weight))
+    want_grads = torch.autograd.grad(want.loss, (hidden, weight))
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
 # -- every objective: fused vs plain head, z-loss against the model's logits ----------------------------
 def clm_batch():
     g = torch.Generator().manual_seed(0)

@@ -180,7 +180,10 @@ def _liger_loss(
             lse_square_scale=float(z_loss),
             return_z_loss=True,
         )
-    loss, z = out[0], out[1]
+    if isinstance(out, tuple):
+        loss, z = out[0], out[1]
+    else:  # newer releases return an output object
+        loss, z = out.loss, getattr(out, "z_loss", None)
     z = torch.zeros((), device=h.device) if z is None else z.detach().float()
     loss = loss.float()
     count = (target != IGNORE_INDEX).sum()
