@@ -49,8 +49,9 @@ $PY -c "import torch, lightning; print('torch', torch.__version__, 'lightning', 
 $PY -c "import torchao, liger_kernel; print('torchao', torchao.__version__, 'liger-kernel: yes')" 2>/dev/null \
   || echo "torchao or liger-kernel missing: FP8 rows skip, fused CE uses the torch path"
 echo "== gpu tests"
-timeout 180 $PY -m pytest -q -p no:cacheprovider -m gpu tests/ -x --timeout 170 > "$OUT/gpu_tests.log" 2>&1
+timeout 180 $PY -m pytest -q -p no:cacheprovider -m gpu tests/ --continue-on-collection-errors --timeout 170 \
+  > "$OUT/gpu_tests.log" 2>&1
 echo "pytest -m gpu: exit $?"; tail -6 "$OUT/gpu_tests.log"
 echo "== throughput (one H200: 989 TFLOP/s dense bf16)"
-timeout 310 $PY experiments/bench_gpu.py --budget 230 --json "$OUT/gpu_table.json" 2>&1 | tee "$OUT/bench_gpu.log" \
+timeout 290 $PY experiments/bench_gpu.py --budget 210 --json "$OUT/gpu_table.json" 2>&1 | tee "$OUT/bench_gpu.log" \
   | grep -v "^  "
