@@ -80,7 +80,7 @@ class PretrainModule(L.LightningModule):
 
     ``fused_ce``: the head and the cross-entropy run chunk by chunk over the tokens, without the logits of
     the whole micro-batch (`llmforge.objectives.loss`); ``z_loss``: weight of the log-partition penalty.
-    An objective's ``loss`` returns what is minimised (cross-entropy + z-loss) with ``ce`` and ``z_loss``
+    An objective's ``loss`` returns what is minimised (cross-entropy + z-loss) with the ``z_loss`` term
     among its extra metrics; ``train/loss`` and ``val/loss`` are the cross-entropy.
     """
 
@@ -123,7 +123,7 @@ class PretrainModule(L.LightningModule):
         raise NotImplementedError  # abstract: each objective owns its collate function
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-        """(loss to minimise, number of scored tokens, extra metrics: ``ce``, ``z_loss``, ...)."""
+        """(loss to minimise, number of scored tokens, extra metrics: ``z_loss``, ...)."""
         raise NotImplementedError  # abstract
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, accuracy: bool = False) -> HeadLoss:
@@ -136,7 +136,14 @@ class PretrainModule(L.LightningModule):
 
     @staticmethod
     def loss_metrics(result: HeadLoss) -> dict[str, torch.Tensor]:
-        return {"ce": result.ce, "z_loss": result.z_loss}
+        return {"z_loss": result.z_loss}
+
+    @staticmethod
+    def cross_entropy(loss: torch.Tensor, extra: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The cross-entropy part of ``loss``: the loss minus the z-loss term when there is one (so that
+        whatever happened to the minimised loss, a NaN say, shows in ``train/loss`` too)."""
+        z = extra.get("z_loss")
+        return loss.detach() if z is None else loss.detach() - z
 
     # -- what the throughput callback counts -------------------------------------------------------
     def tokens_in_batch(self, batch: dict) -> int:
@@ -150,10 +157,10 @@ class PretrainModule(L.LightningModule):
     # -- shared training logic -------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _, extra = self.loss(batch)
+        ce = self.cross_entropy(loss, extra) if self.z_loss > 0 else loss.detach()
         extra = dict(extra)
-        ce = extra.pop("ce", loss).detach()
         z = extra.pop("z_loss", None)
-        self.last_train_loss = ce  # for the stability guard (before AMP scaling)
+        self.last_train_loss = loss.detach()  # for the stability guard (before AMP scaling)
         self.log("train/loss", ce, prog_bar=True)
         self.log("train/ppl", torch.exp(ce.float().clamp(max=30)))
         if self.z_loss > 0 and z is not None:
@@ -165,7 +172,8 @@ class PretrainModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         loss, n_tokens, extra = self.loss(batch)
-        self.val_loss.update(extra.get("ce", loss).detach().float(), weight=n_tokens)
+        ce = self.cross_entropy(loss, extra) if self.z_loss > 0 else loss.detach()
+        self.val_loss.update(ce.float(), weight=n_tokens)
         for key, metric in self.val_metrics.items():
             metric.update(extra[key].detach().float(), weight=n_tokens)
         if self.val_sources:

@@ -227,7 +227,7 @@ class MaskedLM(PretrainModule):
         targets = batch["labels"].flatten().index_select(0, positions)
         if targets.numel() == 0:  # nothing maskable in the whole batch: a zero loss that keeps the graph
             zero = self.model.head(hidden).float().sum() * 0.0
-            return zero, 0, {"acc": zero.detach(), "ce": zero.detach(), "z_loss": zero.detach()}
+            return zero, 0, {"acc": zero.detach(), "z_loss": zero.detach()}
         result = self.head_loss(hidden, targets, accuracy=True)
         acc = result.correct.float() / targets.numel()
         return result.loss, targets.numel(), {"acc": acc, **self.loss_metrics(result)}
