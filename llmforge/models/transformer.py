@@ -33,6 +33,7 @@ The training path (``cache=None``) is unchanged.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -315,6 +316,15 @@ def init_weights(model: nn.Module, std: float, residual_std: dict[str, float]) -
         nn.init.normal_(p, mean=0.0, std=std if prefix is None else residual_std[prefix])
 
 
+def apply_head(linear: nn.Linear, x: torch.Tensor, head: bool | Callable = True):
+    """The end of every model's forward. ``head=True``: the logits ``linear(x)``; ``False``: the head's input
+    ``x`` (the final norm's output); a callable: ``head(x, linear)``, e.g. a loss that uses the head's
+    weight chunk by chunk (`llmforge.objectives.loss`), run inside the forward, where FSDP has gathered it."""
+    if callable(head):
+        return head(x, linear)
+    return linear(x) if head else x
+
+
 class Transformer(nn.Module):
     """Decoder-only language model: token ids (batch, seq) -> logits (batch, seq, vocab)."""
 
@@ -391,16 +401,15 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        head: bool = True,
+        head: bool | Callable = True,
     ) -> torch.Tensor:
-        """Logits (batch, seq, vocab). With a ``cache``: incremental decoding (`trunk_cached`).
-        ``head=False``: the head's input (batch, seq, d_model) instead, for a loss that applies the head
-        itself (chunked)."""
+        """Logits (batch, seq, vocab). With a ``cache``: incremental decoding (`trunk_cached`). ``head``: see
+        `apply_head`."""
         if cache is None:
             x = self.norm(self.trunk(tokens))
         else:
             x = self.norm(self.trunk_cached(tokens, cache, positions, attention_mask))
-        return self.head(x) if head else x
+        return apply_head(self.head, x, head)
 
 
 class KVCache:
@@ -477,13 +486,13 @@ class Encoder(Transformer):
         tokens: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-        head: bool = True,
+        head: bool | Callable = True,
     ) -> torch.Tensor:
         x = self.trunk(tokens, attention_mask)
         if positions is not None:
             x = x.flatten(0, 1).index_select(0, positions)
         x = self.norm(x)
-        return self.head(x) if head else x
+        return apply_head(self.head, x, head)
 
 
 class EncoderDecoder(nn.Module):
@@ -539,7 +548,7 @@ class EncoderDecoder(nn.Module):
         decoder_tokens: torch.Tensor,
         memory: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        head: bool = True,
+        head: bool | Callable = True,
     ) -> torch.Tensor:
         cos, sin = self.rope(decoder_tokens.shape[1])
         mask = key_mask(attention_mask)
@@ -547,15 +556,15 @@ class EncoderDecoder(nn.Module):
         for block in self.decoder:
             x = block(x, memory, cos, sin, mask)
         x = self.norm(x)
-        return self.head(x) if head else x
+        return apply_head(self.head, x, head)
 
     def forward(
         self,
         tokens: torch.Tensor,
         decoder_tokens: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        head: bool = True,
+        head: bool | Callable = True,
     ) -> torch.Tensor:
         """``attention_mask`` (batch, s): 1 at real input tokens; hides input padding from both stacks.
-        ``head=False``: the head's input (batch, t, d_model) instead of the logits."""
+        ``head``: see `apply_head`."""
         return self.decode(decoder_tokens, self.encode(tokens, attention_mask), attention_mask, head)

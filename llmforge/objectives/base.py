@@ -126,13 +126,17 @@ class PretrainModule(L.LightningModule):
         """(loss to minimise, number of scored tokens, extra metrics: ``z_loss``, ...)."""
         raise NotImplementedError  # abstract
 
-    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, accuracy: bool = False) -> HeadLoss:
-        """The head and its loss on the head's input ``hidden`` (..., d_model) against ``labels`` (...):
-        chunked (``fused_ce``) or through the logits of all tokens."""
-        head = self.model.head
-        if self.fused_ce:
-            return chunked_loss(hidden, head.weight, labels, z_loss=self.z_loss, accuracy=accuracy)
-        return logits_loss(head(hidden), labels, z_loss=self.z_loss, accuracy=accuracy)
+    def head_loss(self, labels: torch.Tensor, accuracy: bool = False) -> Callable[..., HeadLoss]:
+        """The head and its loss against ``labels``, as the ``head`` of the model's forward
+        (`llmforge.models.transformer.apply_head`): it runs inside the forward, where FSDP has gathered the
+        head's weight. Chunked (``fused_ce``) or through the logits of all tokens."""
+
+        def loss(hidden: torch.Tensor, head: nn.Linear) -> HeadLoss:
+            if self.fused_ce:
+                return chunked_loss(hidden, head.weight, labels, z_loss=self.z_loss, accuracy=accuracy)
+            return logits_loss(head(hidden), labels, z_loss=self.z_loss, accuracy=accuracy)
+
+        return loss
 
     @staticmethod
     def loss_metrics(result: HeadLoss) -> dict[str, torch.Tensor]:

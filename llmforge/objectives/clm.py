@@ -41,5 +41,5 @@ class CausalLM(PretrainModule):
         return self.model(input_ids)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-        result = self.head_loss(self.model(batch["input_ids"], head=False), batch["labels"])
+        result = self.model(batch["input_ids"], head=self.head_loss(batch["labels"]))
         return result.loss, int(result.count), self.loss_metrics(result)

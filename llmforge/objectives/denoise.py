@@ -323,10 +323,8 @@ class Denoise(PretrainModule):
         return self.model(input_ids, decoder_input_ids, attention_mask)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-        hidden = self.model(
-            batch["input_ids"], batch["decoder_input_ids"], batch.get("attention_mask"), head=False
-        )
-        result = self.head_loss(hidden, batch["labels"], accuracy=True)
+        head = self.head_loss(batch["labels"], accuracy=True)
+        result = self.model(batch["input_ids"], batch["decoder_input_ids"], batch.get("attention_mask"), head)
         acc = result.correct / result.count.clamp(min=1)
         return result.loss, int(result.count), {"acc": acc.float(), **self.loss_metrics(result)}
 

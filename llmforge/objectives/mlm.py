@@ -222,13 +222,12 @@ class MaskedLM(PretrainModule):
         return self.model(input_ids, attention_mask)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-        positions = batch["mlm_positions"]
-        hidden = self.model(batch["input_ids"], batch.get("attention_mask"), positions, head=False)
+        positions, mask = batch["mlm_positions"], batch.get("attention_mask")
         targets = batch["labels"].flatten().index_select(0, positions)
         if targets.numel() == 0:  # nothing maskable in the whole batch: a zero loss that keeps the graph
-            zero = self.model.head(hidden).float().sum() * 0.0
+            zero = self.model(batch["input_ids"], mask, positions).float().sum() * 0.0
             return zero, 0, {"acc": zero.detach(), "z_loss": zero.detach()}
-        result = self.head_loss(hidden, targets, accuracy=True)
+        result = self.model(batch["input_ids"], mask, positions, head=self.head_loss(targets, accuracy=True))
         acc = result.correct.float() / targets.numel()
         return result.loss, targets.numel(), {"acc": acc, **self.loss_metrics(result)}
 
