@@ -161,7 +161,7 @@ class PretrainModule(L.LightningModule):
     # -- shared training logic -------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _, extra = self.loss(batch)
-        ce = self.cross_entropy(loss, extra) if self.z_loss > 0 else loss.detach()
+        ce = self.cross_entropy(loss, extra)  # exactly the loss without a z-loss (x - 0.0 == x)
         extra = dict(extra)
         z = extra.pop("z_loss", None)
         self.last_train_loss = loss.detach()  # for the stability guard (before AMP scaling)
@@ -176,7 +176,7 @@ class PretrainModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         loss, n_tokens, extra = self.loss(batch)
-        ce = self.cross_entropy(loss, extra) if self.z_loss > 0 else loss.detach()
+        ce = self.cross_entropy(loss, extra)
         self.val_loss.update(ce.float(), weight=n_tokens)
         for key, metric in self.val_metrics.items():
             metric.update(extra[key].detach().float(), weight=n_tokens)
