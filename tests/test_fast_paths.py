@@ -10,10 +10,10 @@ from torch import nn
 
 import llmforge.objectives.base as base
 from llmforge.config import resolve_compile
+from llmforge.curves import read_scalars
 from llmforge.fp8 import fp8_module_filter, lightning_precision, unsupported_reason
 from llmforge.objectives.base import adamw_kernel, param_groups
 from llmforge.objectives.clm import CausalLM
-from llmforge.plot import read_scalars
 from llmforge.training import build_module, run
 
 MODEL = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)

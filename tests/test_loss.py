@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmforge.curves import read_scalars
 from llmforge.objectives.clm import CausalLM
 from llmforge.objectives.denoise import Denoise
 from llmforge.objectives.loss import chunked_loss, default_chunk, logits_loss
 from llmforge.objectives.mlm import MaskedLM
-from llmforge.plot import read_scalars
 from llmforge.training import run
 
 VOCAB = 1000
