@@ -103,8 +103,10 @@ def main() -> None:
         for name in ("plain", "fused") if r % 2 == 0 else ("fused", "plain"):
             runs[name].append(measure(args, name == "fused"))
             m = runs[name][-1]
-            print(f"  round {r} {name:<6} peak {m['peak'] / 2**20:8.0f} MiB  step {m['wall']:.2f} s "
-                  f"(cpu {m['cpu']:.2f} s)  loss {m['loss']:.6f}")
+            print(
+                f"  round {r} {name:<6} peak {m['peak'] / 2**20:8.0f} MiB  step {m['wall']:.2f} s "
+                f"(cpu {m['cpu']:.2f} s)  loss {m['loss']:.6f}"
+            )
     fields = ("peak", "wall", "cpu")
     med = {k: {f: statistics.median(m[f] for m in v) for f in fields} for k, v in runs.items()}
     assert abs(runs["plain"][0]["loss"] - runs["fused"][0]["loss"]) < 1e-4, "the two paths disagree"
@@ -112,8 +114,10 @@ def main() -> None:
     speed = med["plain"]["wall"] / med["fused"]["wall"]
     speed_cpu = med["plain"]["cpu"] / med["fused"]["cpu"]
     for k in ("plain", "fused"):
-        print(f"{k:<6} peak step memory {med[k]['peak'] / 2**20:8.0f} MiB   "
-              f"{tokens / med[k]['wall']:8.0f} tokens/s   ({tokens / med[k]['cpu']:.0f} per CPU-second)")
+        print(
+            f"{k:<6} peak step memory {med[k]['peak'] / 2**20:8.0f} MiB   "
+            f"{tokens / med[k]['wall']:8.0f} tokens/s   ({tokens / med[k]['cpu']:.0f} per CPU-second)"
+        )
     print(f"fused / plain: peak memory x{mem:.3f}, tokens/s x{speed:.3f} (CPU time x{speed_cpu:.3f})")
 
 

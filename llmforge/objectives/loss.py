@@ -113,9 +113,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 grad_w += (grad.t() @ hc).float()
         ce = ce_sum / denom
         z = z_loss * z_sum / denom
-        ctx.save_for_backward(
-            grad_h if want_h else torch.empty(0), grad_w if want_w else torch.empty(0)
-        )
+        ctx.save_for_backward(grad_h if want_h else torch.empty(0), grad_w if want_w else torch.empty(0))
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(ce, z, correct)
         return ce + z, ce, z, correct
