@@ -194,6 +194,31 @@ def test_objective_loss_fused_equals_plain_and_the_definition(objective, z_loss)
     assert plain.model.head.weight.grad.abs().sum() > 0 and fused.model.embed.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("objective", ["clm", "mlm", "denoise"])
+def test_objective_gradient_is_that_of_the_definition_z_loss_included(objective):
+    """The gradient of every parameter (head, blocks, embedding) is the gradient of cross-entropy + z-loss
+    computed directly from the model's logits; the z-loss term moves it (so a dropped term would show)."""
+    z_loss = 5e-2
+    fused, batch = build(objective, True, z_loss)
+    fused.loss(batch)[0].backward()
+    definition, _ = build(objective, False, z_loss)
+    ce, z = direct(*reference_logits(objective, definition, batch), z_loss)
+    (ce + z).backward()
+    without_z, _ = build(objective, False, 0.0)
+    direct(*reference_logits(objective, without_z, batch), 0.0)[0].backward()
+    want = dict(definition.model.named_parameters())
+    ce_only = dict(without_z.model.named_parameters())
+    moved = 0
+    for name, p in fused.model.named_parameters():
+        if want[name].grad is None:  # a parameter the loss does not reach
+            assert p.grad is None or not p.grad.any(), name
+            continue
+        torch.testing.assert_close(p.grad, want[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+        gap = (want[name].grad - ce_only[name].grad).abs().max()
+        moved += bool(gap > 100 * (p.grad - want[name].grad).abs().max() + 1e-6)
+    assert moved >= 3  # head, embedding and block weights at least: the z-loss gradient flows through
+
+
 @pytest.mark.slow  # inductor's C++ compilation: ~1-3 min on 2 loaded cores
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
 def test_chunked_loss_compiles():
