@@ -10,7 +10,8 @@ the trainer default, random tokens. No activation checkpointing; batch sizes fil
     MFU = flops_per_token x tokens/s / peak;  flops_per_token = 6 N + 12 L d seq  (PaLM; N: matmul params)
 
 with the dense bf16 peak (989 TFLOP/s for H100/H200 SXM) for every row, FP8 included. Rows run in order of
-importance until ``--budget`` seconds are spent; the rest print as skipped.
+importance while they fit in ``--budget`` seconds (a row is skipped when the longest row of its model so far
+would end past it); the rest print as skipped. ``--json`` is rewritten after every row.
 
     python experiments/bench_gpu.py                        # on a GPU: the whole table
     python experiments/bench_gpu.py --dry                  # CPU, tiny model, 2 steps: checks the script
@@ -36,12 +37,20 @@ VARIANTS = {  # name: (torch.compile, fused CE, FP8)
     "fp8": (True, True, True),
 }
 BATCH = {("125m", 2048): 32, ("125m", 4096): 16, ("1b", 2048): 16, ("1b", 4096): 8}
+# fmt: off
 ORDER = [  # the issue's targets first: 1b seq 4096 bf16 and FP8, 125m seq 2048 bf16
     "1b:4096:compiled+fusedce", "1b:4096:fp8", "125m:2048:compiled+fusedce", "1b:4096:eager",
     "1b:4096:compiled", "125m:2048:eager", "125m:2048:compiled", "125m:2048:fp8",
     "1b:2048:eager", "1b:2048:compiled", "1b:2048:compiled+fusedce", "1b:2048:fp8",
     "125m:4096:eager", "125m:4096:compiled", "125m:4096:compiled+fusedce", "125m:4096:fp8",
 ]
+# fmt: on
+
+
+# The rows `llmforge.estimate` takes its default MFU from (llmforge/estimate/cost.py MEASURED_MFU): the 1b
+# at seq 4096 in the trainer's default GPU configuration, per precision.
+MEASURED_ROWS = {"bf16-mixed": ("1b", 4096, "compiled+fusedce"), "fp8-mixed": ("1b", 4096, "fp8")}
+GPU_KEYS = {"H200": "h200", "H100": "h100", "A100": "a100"}  # device name -> conf/estimate.yaml's gpus key
 
 
 @dataclass
@@ -187,6 +196,19 @@ def table(rows: list[Row], peak_tflops: float) -> str:
     return "\n".join(lines)
 
 
+def measured_mfu(rows: list[Row], device_name: str) -> dict[str, dict[str, float]]:
+    """The MEASURED_MFU entry (llmforge.estimate.cost) of this run: {gpu: {precision: MFU}}, from the
+    MEASURED_ROWS that ran; empty for a GPU type the estimate does not know."""
+    gpu = next((key for name, key in GPU_KEYS.items() if name in device_name.upper()), None)
+    found = {
+        precision: round(r.mfu, 3)
+        for precision, spec in MEASURED_ROWS.items()
+        for r in rows
+        if (r.model, r.seq, r.variant) == spec and r.tokens_per_s
+    }
+    return {gpu: found} if gpu and found else {}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default=",".join(ORDER), help="model:seq:variant,... (in this order)")
@@ -202,20 +224,40 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry else "cpu")
     if device.type == "cuda":
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    rows, start = [], time.perf_counter()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    rows: list[Row] = []
+    cost: dict[str, float] = {}  # model -> the longest row of it so far, seconds
+    start = time.perf_counter()
     for spec in args.rows.split(","):
         model, seq, variant = spec.split(":")
         if variant not in VARIANTS:
             raise SystemExit(f"--rows: unknown variant {variant!r} (one of {', '.join(VARIANTS)})")
-        if time.perf_counter() - start > args.budget:
+        if time.perf_counter() - start + cost.get(model, 0.0) > args.budget:  # would end past the budget
             rows.append(Row(model, int(seq), variant, note="skipped: time budget"))
             continue
+        began = time.perf_counter()
         rows.append(run_row(spec, args, device))
+        cost[model] = max(cost.get(model, 0.0), time.perf_counter() - began)
         r = rows[-1]
         print(f"  {spec}: {r.tokens_per_s:.0f} tokens/s {100 * r.mfu:.1f}% {r.note}", flush=True)
+        if args.json:  # after every row: a run stopped from outside keeps what it measured
+            write_json(args.json, rows, name)
     print(table(rows, args.peak_tflops))
+    print(
+        f"MEASURED_MFU entry (llmforge/estimate/cost.py; the ledger row first): "
+        f"{json.dumps(measured_mfu(rows, name))}"
+    )
     if args.json:
-        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+        write_json(args.json, rows, name)
+
+
+def write_json(path: Path, rows: list[Row], device_name: str) -> None:
+    result = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "measured_mfu": measured_mfu(rows, device_name),
+    }
+    path.write_text(json.dumps({**result, "rows": [r.__dict__ for r in rows]}, indent=1))
 
 
 if __name__ == "__main__":

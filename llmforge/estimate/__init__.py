@@ -14,7 +14,10 @@ What is computed, and from where:
   (exact counts; FLOPs are PaLM's: 6 x the matmul parameters, plus 12 * layers * d_model * seq_len for
   attention). ``flops_6nd`` is the plain 6 * N * D (Kaplan et al. 2020; GPT-3's 175B x 300B = 3.15e23).
 - **Compute-optimal tokens**: 20 per parameter (Hoffmann et al. 2022, Chinchilla: 70B -> 1.4T).
-- **GPU-hours** = FLOPs / (bf16 dense peak * MFU); days = GPU-hours / GPUs / 24.
+- **GPU-hours** = FLOPs / (bf16 dense peak * MFU); days = GPU-hours / GPUs / 24. The MFU, unless given
+  (``mfu=0.45``): the one `experiments/gpu_check.sh` measured on that GPU type at that precision (the 1b
+  preset at seq 4096 in the trainer's default GPU configuration; ``cost.MEASURED_MFU``, each figure in
+  the ledger), else 0.4 (``FALLBACK_MFU``); the table says which.
 - **Memory per GPU** (`memory`), for ``ddp`` and ``fsdp`` over ``num_gpus`` GPUs, with and without
   activation checkpointing, in bytes:
 
@@ -79,7 +82,10 @@ from llmforge.estimate.cost import (
     DEFAULT_GPUS,
     DEFAULT_PRICES,
     DOMAINS,
+    FALLBACK_MFU,
+    MEASURED_MFU,
     Recommendation,
+    default_mfu,
     human,
     recommend,
 )
@@ -122,7 +128,9 @@ __all__ = [
     "DEFAULT_GPUS",
     "DEFAULT_PRICES",
     "DOMAINS",
+    "FALLBACK_MFU",
     "GB",
+    "MEASURED_MFU",
     "OBJECTIVES",
     "PRECISION_BYTES",
     "STRATEGIES",
@@ -139,6 +147,7 @@ __all__ = [
     "compose",
     "compute_optimal_tokens",
     "cross_attention_bytes",
+    "default_mfu",
     "estimate",
     "format_table",
     "from_config",
