@@ -270,8 +270,10 @@ class PretrainModule(L.LightningModule):
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         rank_zero_info(f"torch.compile: the first training step took {seconds:.1f} s (compilation included)")
+        # at the step's 0-based index, as the per-step tags: global_step has moved past it once the optimizer
+        # stepped (not yet after gradient accumulation's first micro-batch)
         if self.logger is not None:
-            self.logger.log_metrics({"perf/first_step_s": seconds}, step=self.global_step)
+            self.logger.log_metrics({"perf/first_step_s": seconds}, step=max(self.global_step - 1, 0))
 
     def _precision(self) -> str:
         trainer = self._trainer
