@@ -19,7 +19,7 @@ from omegaconf import MISSING, OmegaConf
 
 from llmforge.models.config import TransformerConfig
 
-PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true", "fp8-mixed")
 STRATEGIES = ("auto", "ddp", "fsdp")
 SCHEDULES = ("cosine", "linear", "constant", "wsd", "wsd_decay")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
@@ -38,6 +38,8 @@ class ObjectiveConfig:
 
     _target_: str = "llmforge.objectives.clm.CausalLM"
     name: str = "clm"
+    fused_ce: bool = True  # chunked head + cross-entropy: the logits of a whole micro-batch never exist
+    z_loss: float = 0.0  # weight of the z-loss, z_loss * mean(logsumexp(logits)^2) (PaLM: 1e-4)
 
 
 @dataclass
@@ -94,7 +96,8 @@ class StrategyConfig:
     find_unused_parameters: bool = False
     reshard_after_forward: bool = True  # fsdp
     activation_checkpointing: bool = False  # recompute each block's activations in backward (any strategy)
-    compile: bool = False  # torch.compile each block (any strategy; on CPU needs a C++ compiler)
+    # torch.compile each block (any strategy): true, false, or auto (on CUDA GPUs, not on CPU)
+    compile: Any = "auto"
 
 
 @dataclass
@@ -328,6 +331,8 @@ def validate(cfg: Any) -> None:
     if cfg.trainer.max_steps <= 0:
         raise ValueError(f"trainer.max_steps must be positive, got {cfg.trainer.max_steps}")
     check_ranges(cfg)
+    if cfg.strategy.compile not in (True, False, "auto"):
+        raise ValueError(f"strategy.compile={cfg.strategy.compile!r} is not one of true, false, auto")
     if cfg.precision.value == "16-mixed" and cfg.hardware.accelerator == "cpu":
         raise ValueError("precision.value='16-mixed' needs a GPU; on CPU use bf16-mixed or bf16-true")
     if cfg.precision.value == "16-mixed" and cfg.strategy.name == "fsdp":
@@ -410,6 +415,18 @@ def check_group_overrides(args: list[str], conf_dir: Path) -> None:
             group = m.group(1)
             options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
             raise ValueError(f"{arg}: {group} is a config group; allowed options: {', '.join(options)}")
+
+
+def resolve_compile(compile: Any, accelerator: str) -> bool:
+    """``strategy.compile``: auto is on for CUDA GPUs (it pays there) and off on CPU (compilation takes
+    longer than it saves on short runs, and needs a C++ compiler)."""
+    if compile == "auto":
+        if accelerator == "auto":
+            import torch
+
+            return torch.cuda.is_available()
+        return accelerator in ("gpu", "cuda")
+    return bool(compile)
 
 
 def gpus_per_node(accelerator: str, devices: Any) -> Any:

@@ -34,6 +34,7 @@ import torch
 
 from llmforge.data.dataset import PackedWindows
 from llmforge.data.shards import TOKENIZER_FILE, ShardSet, read_manifest
+from llmforge.fp8 import lightning_precision
 
 IGNORE_INDEX = -100
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
@@ -129,6 +130,7 @@ def evaluate(
             batch = {k: v.to(device) for k, v in batch.items()}
             with _autocast(precision, device):
                 loss, n, extra = module.loss(batch)
+            loss = loss - extra.get("z_loss", 0.0)  # the cross-entropy, without a z-loss penalty
             nats += float(loss) * n
             tokens += n
             for key in module.metric_names:
@@ -206,6 +208,7 @@ def evaluate_run(
         raise ValueError("no data directory: pass data=DIR")
     batch_size = batch_size or (run_cfg.get("data") or {}).get("batch_size") or 8
     precision = precision or (run_cfg.get("precision") or {}).get("value") or "32-true"
+    precision = lightning_precision(precision)  # an fp8-mixed run is scored in bf16-mixed
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     common = {
         "split": split or "val",

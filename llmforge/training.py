@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from llmforge import branch, preflight, slurm
+from llmforge import branch, fp8, preflight, slurm
 from llmforge.callbacks import DivergenceError, RunManifest, StabilityGuard
 from llmforge.checkpoints import (
     TMP_MARK,
@@ -37,7 +37,7 @@ from llmforge.checkpoints import (
     remove_interrupted_writes,
     verify_for_resume,
 )
-from llmforge.config import check_hardware, validate
+from llmforge.config import check_hardware, resolve_compile, validate
 from llmforge.data.datamodule import ShardDataModule
 from llmforge.data.lineage import DataLog
 from llmforge.data.shards import read_manifest, verify_split
@@ -114,7 +114,8 @@ def build_module(
         raise TypeError(f"objective._target_={cfg.objective._target_} is not a PretrainModule")
     module.fsdp_reshard_after_forward = cfg.strategy.reshard_after_forward
     module.activation_checkpointing = cfg.strategy.activation_checkpointing  # applied in configure_model
-    module.compile_blocks = cfg.strategy.compile
+    module.compile_blocks = resolve_compile(cfg.strategy.compile, cfg.hardware.accelerator)
+    module.float8 = cfg.precision.value == "fp8-mixed"  # torchao float8 linears, in configure_model
     return module
 
 
@@ -424,6 +425,8 @@ def checkpoint_io(cfg: DictConfig) -> list[Any]:
 def run(cfg: DictConfig) -> RunResult:
     validate(cfg)
     check_hardware(cfg)
+    if cfg.precision.value == "fp8-mixed" and (reason := fp8.unsupported_reason(cfg.hardware.accelerator)):
+        raise ValueError(reason)
     with run_dir_lock(Path(cfg.run_dir)), loopback_rendezvous(cfg):
         return locked_run(cfg)
 
@@ -483,7 +486,7 @@ def locked_run(cfg: DictConfig) -> RunResult:
         devices=cfg.hardware.devices,
         num_nodes=cfg.hardware.num_nodes,
         strategy=build_strategy(cfg),
-        precision=cfg.precision.value,
+        precision=fp8.lightning_precision(cfg.precision.value),
         max_steps=t.max_steps,
         max_epochs=-1,
         accumulate_grad_batches=t.accumulate_grad_batches,

@@ -32,7 +32,8 @@ def test_every_group_has_options():
     ):
         assert group in GROUPS, group
     assert {"tiny", "125m", "350m", "1b", "3b", "7b"} <= {o for g, o in OPTIONS if g == "model"}
-    assert {"32-true", "16-mixed", "bf16-mixed", "bf16-true"} == {o for g, o in OPTIONS if g == "precision"}
+    precisions = {"32-true", "16-mixed", "bf16-mixed", "bf16-true", "fp8-mixed"}
+    assert precisions == {o for g, o in OPTIONS if g == "precision"}
     assert {"auto", "ddp", "fsdp"} == {o for g, o in OPTIONS if g == "strategy"}
     assert {"cpu", "gpu", "gpu8", "multinode"} == {o for g, o in OPTIONS if g == "hardware"}
 

@@ -80,6 +80,30 @@ def test_money_from_the_price_table_and_overrides():
     assert e.notes == []
 
 
+def test_default_mfu_is_the_measured_one_per_gpu_type_and_precision(monkeypatch, capsys):
+    from llmforge.estimate import FALLBACK_MFU, MEASURED_MFU
+
+    plain = estimate("1b", tokens=20e9, gpu="h200")  # nothing measured: the fallback, said so
+    assert plain.mfu == FALLBACK_MFU and plain.mfu_source.startswith("assumed")
+    monkeypatch.setitem(MEASURED_MFU, "h200", {"bf16-mixed": 0.5, "fp8-mixed": 0.625})
+    e = estimate("1b", tokens=20e9, gpu="h200")
+    assert e.mfu == 0.5 and e.mfu_source.startswith("measured on h200 at bf16-mixed")
+    assert e.gpu_hours["h200"] == pytest.approx(e.total_flops / (989e12 * 0.5) / 3600)
+    assert e.gpu_hours["h200"] == pytest.approx(plain.gpu_hours["h200"] * FALLBACK_MFU / 0.5)
+    assert e.mfu_by_gpu == {"a100": FALLBACK_MFU, "h100": FALLBACK_MFU, "h200": 0.5}  # per GPU type
+    assert e.gpu_hours["h100"] == pytest.approx(plain.gpu_hours["h100"])
+    fp8 = estimate("1b", tokens=20e9, gpu="h200", precision="fp8-mixed")
+    assert fp8.mfu == 0.625 and fp8.memory == e.memory  # fp8-mixed holds what bf16-mixed holds
+    assert estimate("1b", tokens=20e9, gpu="h200", precision="bf16-true").mfu == FALLBACK_MFU
+    given = estimate("1b", tokens=20e9, gpu="h200", mfu=0.3)
+    assert given.mfu_by_gpu == {"a100": 0.3, "h100": 0.3, "h200": 0.3} and given.mfu_source == "given"
+    assert main(["model=1b", "gpu=h200"]) == 0  # conf/estimate.yaml's mfu: null -> the measured one
+    out = capsys.readouterr().out
+    assert "compute at MFU 50% of the bf16 dense peak (measured on h200" in out and "(MFU 40%)" in out
+    assert main(["model=1b", "gpu=h200", "mfu=0.45", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mfu_by_gpu"]["h200"] == 0.45
+
+
 def test_gpu_table_agrees_with_the_mfu_callback():
     from llmforge.callbacks import PEAK_BF16_FLOPS
 

@@ -152,6 +152,8 @@ def test_compile_switch_trains_the_same(train_cfg, tmp_path):
         )
     )
     assert losses(compiled.run_dir) == pytest.approx(losses(eager.run_dir), rel=1e-4)
+    first = dict(read_scalars(compiled.run_dir)["perf/first_step_s"])  # the compilation's cost is logged
+    assert list(first) == [0] and first[0] > 0 and "perf/first_step_s" not in read_scalars(eager.run_dir)
     a = torch.load(eager.last_checkpoint, weights_only=False)["state_dict"]
     b = torch.load(compiled.last_checkpoint, weights_only=False)["state_dict"]
     assert a.keys() == b.keys()  # no `_orig_mod` in the names: checkpoints stay interchangeable

@@ -14,7 +14,10 @@ What is computed, and from where:
   (exact counts; FLOPs are PaLM's: 6 x the matmul parameters, plus 12 * layers * d_model * seq_len for
   attention). ``flops_6nd`` is the plain 6 * N * D (Kaplan et al. 2020; GPT-3's 175B x 300B = 3.15e23).
 - **Compute-optimal tokens**: 20 per parameter (Hoffmann et al. 2022, Chinchilla: 70B -> 1.4T).
-- **GPU-hours** = FLOPs / (bf16 dense peak * MFU); days = GPU-hours / GPUs / 24.
+- **GPU-hours** = FLOPs / (bf16 dense peak * MFU); days = GPU-hours / GPUs / 24. The MFU, unless given
+  (``mfu=0.45``): the one `experiments/gpu_check.sh` measured on that GPU type at that precision (the 1b
+  preset at seq 4096 in the trainer's default GPU configuration; ``cost.MEASURED_MFU``, each figure in
+  the ledger), else 0.4 (``FALLBACK_MFU``); the table says which.
 - **Memory per GPU** (`memory`), for ``ddp`` and ``fsdp`` over ``num_gpus`` GPUs, with and without
   activation checkpointing, in bytes:
 
@@ -47,7 +50,9 @@ What is computed, and from where:
     each block keeps only its input (h at the residual stream's dtype: fp32 under mixed precision), and
     one block's activations are recomputed at a time. The loss peaks in its backward: the fp32
     log-probabilities, their gradient and the fp32 logits' gradient, plus its 16-bit cast when the head
-    runs in 16-bit: s * b * V * (12 + 2) bytes (12 in fp32).
+    runs in 16-bit: s * b * V * (12 + 2) bytes (12 in fp32). That is the plain head
+    (``objective.fused_ce=false``); the trainer's default chunked loss holds one chunk's logits at a
+    time, so for it this column errs high (not yet modelled).
   * ``objective=mlm`` (encoder): the same blocks; the head and the loss on ``mask_prob`` of the
     positions. ``objective=denoise`` (encoder-decoder, T5 span corruption's input and target lengths
     of a ``seq_len`` window): encoder blocks on the inputs; decoder blocks on the targets, each adding
@@ -56,8 +61,9 @@ What is computed, and from where:
     head on the targets. Also checked against the saved tensors.
   * the peak is the larger of two moments: the end of the forward / the loss's backward (everything
     above, added up: gradients fill in while activations are freed, so this errs high) and the
-    optimizer step (model states, DDP's buckets, and the temporary the default foreach AdamW allocates
-    on GPU, sqrt(v): half the AdamW states; Lightning's AMP plugins refuse the fused AdamW).
+    optimizer step (model states, DDP's buckets, and the temporary the foreach AdamW allocates on GPU,
+    sqrt(v): half the AdamW states; the trainer uses the foreach AdamW under ``16-mixed`` and the fused
+    one, which needs no such list, under the other precisions on CUDA: there the term errs high).
   * not counted: the CUDA context and allocator slack (~1-3 GB), communication buffers, temporary
     buffers inside kernels. Treat ``fits`` as "fits with a little room to spare", not a guarantee.
 - **Money**: GPU-hours x the price table (US dollars per GPU-hour; defaults: A100 40 GB on-demand list
@@ -79,7 +85,10 @@ from llmforge.estimate.cost import (
     DEFAULT_GPUS,
     DEFAULT_PRICES,
     DOMAINS,
+    FALLBACK_MFU,
+    MEASURED_MFU,
     Recommendation,
+    default_mfu,
     human,
     recommend,
 )
@@ -122,7 +131,9 @@ __all__ = [
     "DEFAULT_GPUS",
     "DEFAULT_PRICES",
     "DOMAINS",
+    "FALLBACK_MFU",
     "GB",
+    "MEASURED_MFU",
     "OBJECTIVES",
     "PRECISION_BYTES",
     "STRATEGIES",
@@ -139,6 +150,7 @@ __all__ = [
     "compose",
     "compute_optimal_tokens",
     "cross_attention_bytes",
+    "default_mfu",
     "estimate",
     "format_table",
     "from_config",

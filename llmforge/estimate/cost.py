@@ -3,6 +3,7 @@ decision tree (given only when asked: a ``domain`` or a ``budget``)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from llmforge.estimate.flops import TOKENS_PER_PARAM, compute_optimal_tokens
@@ -12,6 +13,13 @@ DEFAULT_GPUS: dict[str, dict[str, float]] = {
     "h100": {"peak_tflops": 989.0, "memory_gb": 80.0},
     "h200": {"peak_tflops": 989.0, "memory_gb": 141.0},
 }
+# MFU measured by experiments/gpu_check.sh (experiments/bench_gpu.py) on one GPU of a type, per precision:
+# the 1b preset at seq 4096 in the trainer's default GPU configuration (torch.compile per block, chunked
+# linear + cross-entropy, fused AdamW), bf16-mixed and fp8-mixed, MFU against the dense bf16 peak.
+# `estimate` takes it as its default MFU for that GPU and precision; elsewhere FALLBACK_MFU. bench_gpu.py
+# prints the entry to put here; each figure is in experiments/LEDGER.md with its commit.
+MEASURED_MFU: dict[str, dict[str, float]] = {}  # e.g. {"h200": {"bf16-mixed": 0.45, "fp8-mixed": 0.52}}
+FALLBACK_MFU = 0.4  # without a measurement: a typical dense-training MFU (PaLM 46%, OLMo-2 ~45%, MPT ~42%)
 DEFAULT_PRICES: dict[str, dict[str, float]] = {
     # A100 40 GB on-demand list prices when this table was written (the project's course material quoted
     # them); yours differ: prices.a100.<provider>=<dollars per GPU-hour>
@@ -97,3 +105,15 @@ def recommend(
             "Muennighoff et al. 2023), or pick a smaller model"
         )
     return Recommendation(decision=decision, model_size=size, reasons=reasons)
+
+
+def default_mfu(
+    gpu: str, precision: str, measured: Mapping[str, Mapping[str, float]] | None = None
+) -> tuple[float, str]:
+    """(MFU, where it comes from): the measured MFU of ``gpu`` at ``precision`` (`MEASURED_MFU`) when there
+    is one, else `FALLBACK_MFU`."""
+    table = MEASURED_MFU if measured is None else measured
+    value = (table.get(gpu) or {}).get(precision)
+    if value is None:
+        return FALLBACK_MFU, f"assumed: no measured MFU for {gpu} at {precision}"
+    return float(value), f"measured on {gpu} at {precision} (experiments/gpu_check.sh)"

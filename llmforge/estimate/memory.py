@@ -38,6 +38,8 @@ PRECISION_BYTES = {
     "bf16-mixed": PrecisionBytes(weights=4, working=2, grads=4, optim=8, act=2, residual=4),
     "16-mixed": PrecisionBytes(weights=4, working=2, grads=4, optim=8, act=2, residual=4),
     "bf16-true": PrecisionBytes(weights=2, working=0, grads=2, optim=4, act=2, residual=2),
+    # float8 linears under bf16-mixed: the same states; float8 copies are transient (an upper bound)
+    "fp8-mixed": PrecisionBytes(weights=4, working=2, grads=4, optim=8, act=2, residual=4),
 }
 
 

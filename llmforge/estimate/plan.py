@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llmforge.config import ObjectiveConfig, PrecisionConfig
-from llmforge.estimate.cost import DEFAULT_GPUS, DEFAULT_PRICES, Recommendation, recommend
+from llmforge.estimate.cost import DEFAULT_GPUS, DEFAULT_PRICES, Recommendation, default_mfu, recommend
 from llmforge.estimate.flops import Objective, as_objective, compute_optimal_tokens, gpu_hours, training_flops
 from llmforge.estimate.memory import STRATEGIES, Memory, memory_per_gpu, precision_bytes
 from llmforge.models.transformer import TransformerConfig, flops_per_token, num_params
@@ -35,7 +35,9 @@ class Estimate:
     compute_optimal_tokens: float
     gpu: str
     num_gpus: int
-    mfu: float
+    mfu: float  # for `gpu`
+    mfu_source: str  # "given", "measured on <gpu> at <precision> ...", or "assumed: ..."
+    mfu_by_gpu: dict[str, float]  # the MFU each GPU type's GPU-hours assume
     precision: str
     batch_size: int
     gpu_hours: dict[str, float]  # per GPU type in the table
@@ -104,7 +106,7 @@ def estimate(
     batch_size: int = 1,
     num_gpus: int = 8,
     gpu: str = "h100",
-    mfu: float = 0.4,
+    mfu: float | None = None,
     precision: str = "bf16-mixed",
     objective: str | Mapping[str, Any] | Objective = "clm",
     corpus_tokens: float | None = None,
@@ -114,7 +116,9 @@ def estimate(
     prices: Mapping[str, Mapping[str, float]] | None = None,
     **model_overrides: Any,
 ) -> Estimate:
-    """Everything `python -m llmforge.estimate` prints, as a dataclass (see the module docstring)."""
+    """Everything `python -m llmforge.estimate` prints, as a dataclass (see the module docstring).
+    ``mfu=None``: the MFU measured on ``gpu`` at ``precision`` (`llmforge.estimate.cost.MEASURED_MFU`),
+    else `FALLBACK_MFU`."""
     cfg = model_config(model, **model_overrides)
     gpus = {k: dict(v) for k, v in (gpus if gpus is not None else DEFAULT_GPUS).items()}
     prices = {  # a null price: not known
@@ -133,6 +137,8 @@ def estimate(
             if isinstance(price, bool) or not isinstance(price, int | float) or price < 0:
                 raise ValueError(f"prices.{name}.{provider}={price!r} is not a price in dollars per GPU-hour")
     precision_bytes(precision)
+    mfu_by_gpu = {name: float(mfu) if mfu is not None else default_mfu(name, precision)[0] for name in gpus}
+    mfu_source = "given" if mfu is not None else default_mfu(gpu, precision)[1]
     seq_len = seq_len or cfg.max_seq_len
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
@@ -154,7 +160,7 @@ def estimate(
         predicted = obj.predicted(seq_len) if arch == "encoder" else None
         fpt = flops_per_token(cfg, seq_len, arch=arch, predicted=predicted)
     total = fpt * tokens
-    hours = {name: gpu_hours(total, spec["peak_tflops"], mfu) for name, spec in gpus.items()}
+    hours = {name: gpu_hours(total, spec["peak_tflops"], mfu_by_gpu[name]) for name, spec in gpus.items()}
     cost = {name: {p: hours[name] * price for p, price in prices.get(name, {}).items()} for name in gpus}
     chosen_costs = list(cost.get(gpu, {}).values())
     memory = [
@@ -208,7 +214,9 @@ def estimate(
         compute_optimal_tokens=optimal,
         gpu=gpu,
         num_gpus=num_gpus,
-        mfu=mfu,
+        mfu=mfu_by_gpu[gpu],
+        mfu_source=mfu_source,
+        mfu_by_gpu=mfu_by_gpu,
         precision=precision,
         batch_size=batch_size,
         gpu_hours=hours,
@@ -237,7 +245,7 @@ class EstimateConfig:
     batch_size: int = 1
     num_gpus: int = 8
     gpu: str = "h100"
-    mfu: float = 0.4
+    mfu: float | None = None  # null: measured for this gpu and precision when known, else 0.4
     precision: PrecisionConfig = field(default_factory=lambda: PrecisionConfig("bf16-mixed"))
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     corpus_tokens: float | None = None

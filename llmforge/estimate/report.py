@@ -26,12 +26,15 @@ def format_table(e: Estimate) -> str:
         f"compute-optimal: {human(e.compute_optimal_tokens)})",
         f"  total FLOPs           {e.total_flops:.3g} (6ND: {e.total_flops_6nd:.3g})",
         "",
-        f"compute at MFU {e.mfu:.0%} (bf16 dense peak)",
+        f"compute at MFU {e.mfu:.0%} of the bf16 dense peak ({e.mfu_source})",
     ]
     for name, hours in e.gpu_hours.items():
         mark = " <-" if name == e.gpu else ""
         days = hours / e.num_gpus / 24
-        lines.append(f"  {name:<6} {human(hours):>8} GPU-hours   {days:8.1f} days on {e.num_gpus} GPUs{mark}")
+        other = f" (MFU {e.mfu_by_gpu[name]:.0%})" if e.mfu_by_gpu[name] != e.mfu else ""
+        lines.append(
+            f"  {name:<6} {human(hours):>8} GPU-hours   {days:8.1f} days on {e.num_gpus} GPUs{other}{mark}"
+        )
     lines += ["", "money (US dollars, GPU-hours x price per GPU-hour)"]
     for name, by_provider in e.cost.items():
         if by_provider:

@@ -391,6 +391,15 @@ def output_mult(cfg: TransformerConfig) -> float:
     return 1.0 / cfg.width_mult
 
 
+def apply_head(linear: nn.Linear, x: torch.Tensor, head: bool | Callable = True):
+    """The end of every model's forward. ``head=True``: the logits ``linear(x)``; ``False``: the head's input
+    ``x`` (the final norm's output); a callable: ``head(x, linear)``, e.g. a loss that uses the head's
+    weight chunk by chunk (`llmforge.objectives.loss`), run inside the forward, where FSDP has gathered it."""
+    if callable(head):
+        return head(x, linear)
+    return linear(x) if head else x
+
+
 class Transformer(nn.Module):
     """Decoder-only language model: token ids (batch, seq) -> logits (batch, seq, vocab)."""
 
@@ -488,12 +497,15 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        head: bool | Callable = True,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab). With a ``cache``: incremental decoding (`trunk_cached`); without,
-        ``positions`` and ``doc_ids`` are those of `trunk` (packed documents)."""
+        ``positions`` and ``doc_ids`` are those of `trunk` (packed documents). ``head``: see `apply_head`."""
         if cache is None:
-            return self.head(self.head_input(self.trunk(tokens, position_ids=positions, doc_ids=doc_ids)))
-        return self.head(self.head_input(self.trunk_cached(tokens, cache, positions, attention_mask)))
+            x = self.trunk(tokens, position_ids=positions, doc_ids=doc_ids)
+        else:
+            x = self.trunk_cached(tokens, cache, positions, attention_mask)
+        return apply_head(self.head, self.head_input(x), head)
 
 
 class KVCache:
@@ -581,12 +593,14 @@ class Encoder(Transformer):
         positions: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        head: bool | Callable = True,
     ) -> torch.Tensor:
-        """``position_ids``, ``doc_ids``: RoPE positions and packed documents, as in `Transformer.trunk`."""
+        """``position_ids``, ``doc_ids``: RoPE positions and packed documents, as in `Transformer.trunk`.
+        ``head``: see `apply_head`."""
         x = self.trunk(tokens, attention_mask, position_ids, doc_ids)
         if positions is not None:
             x = x.flatten(0, 1).index_select(0, positions)
-        return self.head(self.head_input(x))
+        return apply_head(self.head, self.head_input(x), head)
 
 
 class EncoderDecoder(nn.Module):
@@ -660,9 +674,11 @@ class EncoderDecoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         memory_doc_ids: torch.Tensor | None = None,
+        head: bool | Callable = True,
     ) -> torch.Tensor:
         """``doc_ids`` (batch, t) of the decoder tokens and ``memory_doc_ids`` (batch, s) of the encoder's:
-        causal self-attention within a document, cross-attention to the same document's encoder tokens."""
+        causal self-attention within a document, cross-attention to the same document's encoder tokens.
+        ``head``: see `apply_head`."""
         cos, sin = rope_table(self, decoder_tokens.shape[1], position_ids)
         self_mask, memory_mask = None, key_mask(attention_mask)
         if doc_ids is not None:
@@ -673,7 +689,7 @@ class EncoderDecoder(nn.Module):
         x = self.embed(decoder_tokens)
         for block in self.decoder:
             x = block(x, memory, cos, sin, memory_mask, self_mask)
-        return self.head(self.head_input(x))
+        return apply_head(self.head, self.head_input(x), head)
 
     def forward(
         self,
@@ -684,10 +700,12 @@ class EncoderDecoder(nn.Module):
         doc_ids: torch.Tensor | None = None,
         decoder_position_ids: torch.Tensor | None = None,
         decoder_doc_ids: torch.Tensor | None = None,
+        head: bool | Callable = True,
     ) -> torch.Tensor:
         """``attention_mask`` (batch, s): 1 at real input tokens; hides input padding from both stacks.
-        ``position_ids``/``doc_ids`` and their ``decoder_`` twins: packed documents (`decode`)."""
+        ``position_ids``/``doc_ids`` and their ``decoder_`` twins: packed documents (`decode`). ``head``: see
+        `apply_head`."""
         memory = self.encode(tokens, attention_mask, position_ids, doc_ids)
         return self.decode(
-            decoder_tokens, memory, attention_mask, decoder_position_ids, decoder_doc_ids, doc_ids
+            decoder_tokens, memory, attention_mask, decoder_position_ids, decoder_doc_ids, doc_ids, head
         )

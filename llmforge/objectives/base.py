@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from functools import partial, wraps
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
 from llmforge.config import DECAY_SHAPES, SCHEDULES, OptimConfig
 from llmforge.models.transformer import Block, DecoderBlock, TransformerConfig, flops_per_token
+from llmforge.objectives.loss import HeadLoss, chunked_loss, logits_loss
 
 
 def decay_curve(progress: float, shape: str) -> float:
@@ -130,6 +133,11 @@ class PretrainModule(L.LightningModule):
     model), ``seed`` (data.seed), ``document_mask`` and ``document_positions`` (`document_options`).
     Objectives whose collate depends on them (masking, span lengths) check them, and the special tokens
     they need, in ``__init__``: before any training step.
+
+    ``fused_ce``: the head and the cross-entropy run chunk by chunk over the tokens, without the logits of
+    the whole micro-batch (`llmforge.objectives.loss`); ``z_loss``: weight of the log-partition penalty.
+    An objective's ``loss`` returns what is minimised (cross-entropy + z-loss) with the ``z_loss`` term
+    among its extra metrics; ``train/loss`` and ``val/loss`` are the cross-entropy.
     """
 
     metric_names: tuple[str, ...] = ()  # keys of `loss`'s extra metrics that validation averages too
@@ -141,9 +149,14 @@ class PretrainModule(L.LightningModule):
         special_tokens: dict[str, int],
         name: str = "",
         data: dict | None = None,
+        fused_ce: bool = True,
+        z_loss: float = 0.0,
     ) -> None:
+        if z_loss < 0:
+            raise ValueError(f"objective.z_loss={z_loss} must be >= 0")
         super().__init__()
         self.save_hyperparameters()
+        self.fused_ce, self.z_loss = bool(fused_ce), float(z_loss)
         self.model_cfg = TransformerConfig(**model)
         self.optim_cfg = OptimConfig(**optim)
         self.special_tokens = dict(special_tokens)
@@ -170,7 +183,7 @@ class PretrainModule(L.LightningModule):
         raise NotImplementedError  # abstract: each objective owns its collate function
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-        """(mean loss over scored tokens, number of scored tokens, extra metrics)."""
+        """(loss to minimise, number of scored tokens, extra metrics: ``z_loss``, ...)."""
         raise NotImplementedError  # abstract
 
     def document_options(self) -> dict:
@@ -182,6 +195,29 @@ class PretrainModule(L.LightningModule):
             "document_eos_id": self.special_tokens["eos"],
             "reset_positions": self.data_info.get("document_positions", "continue") == "reset",
         }
+
+    def head_loss(self, labels: torch.Tensor, accuracy: bool = False) -> Callable[..., HeadLoss]:
+        """The head and its loss against ``labels``, as the ``head`` of the model's forward
+        (`llmforge.models.transformer.apply_head`): it runs inside the forward, where FSDP has gathered the
+        head's weight. Chunked (``fused_ce``) or through the logits of all tokens."""
+
+        def loss(hidden: torch.Tensor, head: nn.Linear) -> HeadLoss:
+            if self.fused_ce:
+                return chunked_loss(hidden, head.weight, labels, z_loss=self.z_loss, accuracy=accuracy)
+            return logits_loss(head(hidden), labels, z_loss=self.z_loss, accuracy=accuracy)
+
+        return loss
+
+    @staticmethod
+    def loss_metrics(result: HeadLoss) -> dict[str, torch.Tensor]:
+        return {"z_loss": result.z_loss}
+
+    @staticmethod
+    def cross_entropy(loss: torch.Tensor, extra: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The cross-entropy part of ``loss``: the loss minus the z-loss term when there is one (so that
+        whatever happened to the minimised loss, a NaN say, shows in ``train/loss`` too)."""
+        z = extra.get("z_loss")
+        return loss.detach() if z is None else loss.detach() - z
 
     # -- what the throughput callback counts -------------------------------------------------------
     def tokens_in_batch(self, batch: dict) -> int:
@@ -195,9 +231,14 @@ class PretrainModule(L.LightningModule):
     # -- shared training logic -------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _, extra = self.loss(batch)
+        ce = self.cross_entropy(loss, extra)  # exactly the loss without a z-loss (x - 0.0 == x)
+        extra = dict(extra)
+        z = extra.pop("z_loss", None)
         self.last_train_loss = loss.detach()  # for the stability guard (before AMP scaling)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", torch.exp(loss.detach().float().clamp(max=30)))
+        self.log("train/loss", ce, prog_bar=True)
+        self.log("train/ppl", torch.exp(ce.float().clamp(max=30)))
+        if self.z_loss > 0 and z is not None:
+            self.log("train/z_loss", z)
         for key, value in extra.items():
             self.log(f"train/{key}", value)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
@@ -205,7 +246,8 @@ class PretrainModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         loss, n_tokens, extra = self.loss(batch)
-        self.val_loss.update(loss.detach().float(), weight=n_tokens)
+        ce = self.cross_entropy(loss, extra)
+        self.val_loss.update(ce.float(), weight=n_tokens)
         for key, metric in self.val_metrics.items():
             metric.update(extra[key].detach().float(), weight=n_tokens)
         if self.val_sources:
@@ -299,14 +341,57 @@ class PretrainModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         o = self.optim_cfg
-        # not fused: Lightning's AMP plugins refuse gradient clipping with fused optimizers
         groups = param_groups(self.model, o.weight_decay, o.lr, self.model_cfg.width_mult)  # µP: LR per group
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        optimizer = torch.optim.AdamW(
+            groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **adamw_kernel(groups, self._precision())
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if getattr(self, "compile_blocks", False) and not hasattr(self, "_first_step_start"):
+            self._first_step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        """With ``strategy.compile``: the first training step's time, compilation included (a log line and
+        ``perf/first_step_s``); the steady step time is ``perf/step_time_s``."""
+        start = getattr(self, "_first_step_start", None)
+        if start is None or getattr(self, "_first_step_logged", False):
+            return
+        self._first_step_logged = True
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        rank_zero_info(f"torch.compile: the first training step took {seconds:.1f} s (compilation included)")
+        # at the step's 0-based index, as the per-step tags: global_step has moved past it once the optimizer
+        # stepped (not yet after gradient accumulation's first micro-batch)
+        if self.logger is not None:
+            self.logger.log_metrics({"perf/first_step_s": seconds}, step=max(self.global_step - 1, 0))
+
+    def _precision(self) -> str:
+        trainer = self._trainer
+        return str(trainer.precision) if trainer is not None else "32-true"
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Lightning's mixed-precision plugin refuses to clip for a fused optimizer (it would unscale fp16
+        gradients itself); without a gradient scaler (bf16) there is nothing to unscale, and the gradients
+        are clipped here as Lightning's plain precision does."""
+        inner = getattr(optimizer, "_optimizer", optimizer)
+        fused = any(g.get("fused") for g in inner.param_groups)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not (fused and gradient_clip_val and scaler is None):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def configure_model(self) -> None:
-        """Per transformer block (encoder and decoder blocks alike), in torchtitan's order: activation
+        """Per transformer block (encoder and decoder blocks alike), in torchtitan's order: float8 linear
+        layers (``precision=fp8-mixed``, `llmforge.fp8`), activation
         checkpointing (``strategy.activation_checkpointing``), ``torch.compile`` (``strategy.compile``),
         then under ``strategy=fsdp`` (ModelParallelStrategy) FSDP2 ``fully_shard`` with the mixed-precision
         policy of the run's precision; then the root. Parameter names stay as they are, so checkpoints are
@@ -315,12 +400,16 @@ class PretrainModule(L.LightningModule):
             return  # Lightning calls the hook again for validate/test: wrap once
         self._model_configured = True
         blocks = [m for m in self.model.modules() if isinstance(m, Block | DecoderBlock)]
+        mesh = getattr(self, "device_mesh", None)
+        if getattr(self, "float8", False):
+            from llmforge.fp8 import convert_to_float8
+
+            convert_to_float8(self.model, fsdp=mesh is not None)
         for block in blocks:
             if getattr(self, "activation_checkpointing", False):
                 checkpoint_activations(block)
             if getattr(self, "compile_blocks", False):
                 compile_forward(block)
-        mesh = getattr(self, "device_mesh", None)
         if mesh is None:
             return
         from torch.distributed.fsdp import fully_shard
@@ -332,6 +421,22 @@ class PretrainModule(L.LightningModule):
         for block in blocks:
             fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
         fully_shard(self.model, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=policy)
+
+
+FUSED_ADAMW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def adamw_kernel(groups: list[dict], precision: str) -> dict[str, bool]:
+    """AdamW's implementation: ``fused`` (one kernel for all parameters) when every parameter is a CUDA
+    tensor of a dtype it takes and no fp16 gradient scaler is in the way (``16-mixed``: Lightning unscales
+    before clipping, which fused AdamW would do inside its step); ``foreach`` (multi-tensor) elsewhere."""
+    params = [p for g in groups for p in g["params"]]
+    fused = (
+        bool(params)
+        and precision != "16-mixed"
+        and all(p.is_cuda and p.dtype in FUSED_ADAMW_DTYPES for p in params)
+    )
+    return {"fused": True} if fused else {"foreach": True}
 
 
 def checkpoint_activations(block: nn.Module) -> None:

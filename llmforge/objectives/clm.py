@@ -7,14 +7,12 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmforge.data.documents import document_batch, document_ids
 from llmforge.models.transformer import Transformer
 from llmforge.objectives.base import PretrainModule
-
-IGNORE_INDEX = -100
+from llmforge.objectives.loss import IGNORE_INDEX
 
 
 def clm_collate(
@@ -54,9 +52,5 @@ class CausalLM(PretrainModule):
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         documents = {"positions": batch.get("position_ids"), "doc_ids": batch.get("doc_ids")}
-        logits = self.model(batch["input_ids"], **documents)
-        labels = batch["labels"]
-        loss = F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE_INDEX
-        )
-        return loss, int((labels != IGNORE_INDEX).sum()), {}
+        result = self.model(batch["input_ids"], **documents, head=self.head_loss(batch["labels"]))
+        return result.loss, int(result.count), self.loss_metrics(result)

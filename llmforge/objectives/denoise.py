@@ -41,7 +41,6 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmforge.config import DENOISE_VARIANTS
@@ -296,6 +295,8 @@ class Denoise(PretrainModule):
         noise_density: float = 0.15,
         mean_span_length: float = 3.0,
         decoder_start_token: str = "bos",
+        fused_ce: bool = True,
+        z_loss: float = 0.0,
     ) -> None:
         if variant not in DENOISE_VARIANTS:
             raise ValueError(f"objective.variant={variant!r} is not one of {', '.join(DENOISE_VARIANTS)}")
@@ -330,7 +331,7 @@ class Denoise(PretrainModule):
         else:
             needed["mask"] = "the infilled spans"
         require_special_tokens(special_tokens, needed, objective=f"denoise variant={variant}")
-        super().__init__(model, optim, special_tokens, name, data)
+        super().__init__(model, optim, special_tokens, name, data, fused_ce=fused_ce, z_loss=z_loss)
         self.variant, self.noise_density = variant, noise_density
         self.mean_span_length, self.decoder_start_token = mean_span_length, decoder_start_token
         self.seq_len = int(seq_len)
@@ -376,21 +377,15 @@ class Denoise(PretrainModule):
         return self.model(input_ids, decoder_input_ids, attention_mask)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-        logits = self.model(
+        result = self.model(
             batch["input_ids"],
             batch["decoder_input_ids"],
             batch.get("attention_mask"),
             **{k: batch[k] for k in DOCUMENT_KEYS if k in batch},
+            head=self.head_loss(batch["labels"], accuracy=True),
         )
-        labels = batch["labels"]
-        loss = F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE_INDEX
-        )
-        scored = labels != IGNORE_INDEX
-        with torch.no_grad():
-            correct = (logits.argmax(dim=-1) == labels) & scored
-            acc = correct.sum() / scored.sum().clamp(min=1)
-        return loss, int(scored.sum()), {"acc": acc.float()}
+        acc = result.correct / result.count.clamp(min=1)
+        return result.loss, int(result.count), {"acc": acc.float(), **self.loss_metrics(result)}
 
     def tokens_in_batch(self, batch: dict) -> int:
         return batch["input_ids"].shape[0] * self.seq_len

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmforge.data.documents import document_batch, document_ids
@@ -177,6 +176,8 @@ class MaskedLM(PretrainModule):
         mask_token_prob: float = 0.8,
         random_token_prob: float = 0.1,
         whole_word_mask: bool = False,
+        fused_ce: bool = True,
+        z_loss: float = 0.0,
     ) -> None:
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"objective.mask_prob={mask_prob} must be in (0, 1)")
@@ -191,7 +192,7 @@ class MaskedLM(PretrainModule):
         data = dict(data or {})
         if whole_word_mask and not data.get("path"):
             raise ValueError("objective.whole_word_mask needs the data's tokenizer (data.path)")
-        super().__init__(model, optim, special_tokens, name, data)
+        super().__init__(model, optim, special_tokens, name, data, fused_ce=fused_ce, z_loss=z_loss)
         self.mask_prob, self.mask_token_prob = mask_prob, mask_token_prob
         self.random_token_prob, self.whole_word_mask = random_token_prob, whole_word_mask
         vocab = int(data.get("vocab_size") or self.model_cfg.vocab_size)
@@ -228,17 +229,16 @@ class MaskedLM(PretrainModule):
         return self.model(input_ids, attention_mask)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
-        positions = batch["mlm_positions"]
+        positions, mask = batch["mlm_positions"], batch.get("attention_mask")
         documents = {"position_ids": batch.get("position_ids"), "doc_ids": batch.get("doc_ids")}
-        logits = self.model(batch["input_ids"], batch.get("attention_mask"), positions, **documents)
         targets = batch["labels"].flatten().index_select(0, positions)
         if targets.numel() == 0:  # nothing maskable in the whole batch: a zero loss that keeps the graph
-            zero = logits.float().sum() * 0.0
-            return zero, 0, {"acc": zero.detach()}
-        loss = F.cross_entropy(logits.float(), targets)
-        with torch.no_grad():
-            acc = (logits.argmax(dim=-1) == targets).float().mean()
-        return loss, targets.numel(), {"acc": acc}
+            zero = self.model(batch["input_ids"], mask, positions, **documents).float().sum() * 0.0
+            return zero, 0, {"acc": zero.detach(), "z_loss": zero.detach()}
+        head = self.head_loss(targets, accuracy=True)
+        result = self.model(batch["input_ids"], mask, positions, **documents, head=head)
+        acc = result.correct.float() / targets.numel()
+        return result.loss, targets.numel(), {"acc": acc, **self.loss_metrics(result)}
 
     def flops_per_token(self, batch: dict) -> float:
         rows, seq_len = batch["input_ids"].shape
