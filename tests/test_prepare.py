@@ -129,9 +129,11 @@ def test_data_stage_never_imports_torch_or_lightning(tmp_path):
         # are forked from; the rerun finds every task done and starts neither
         assert len(list(watch.glob("pipeline-*"))) == importers
     tasks = [json.loads(p.read_text()) for p in (tmp_path / "ds" / "logs").glob("*/*.json")]
-    workers = {t["pid"] for t in tasks if t["stage"] in ("process", "tokenize")}
     # process 2, dedup 4 stages of one task each (exact, buckets, verify, components), tokenizer 1, tokenize 2
-    assert len(tasks) == 2 + 4 + 1 + 2 and len(workers) == 4 and driver.pid not in workers  # 2 per stage
+    assert len(tasks) == 2 + 4 + 1 + 2
+    for stage in ("process", "tokenize"):  # each stage's pool of 2: one worker may finish both tiny tasks
+        workers = {t["pid"] for t in tasks if t["stage"] == stage}
+        assert 1 <= len(workers) <= 2 and driver.pid not in workers, (stage, workers)
 def warc_without_responses(path) -> None:
     from warcio.warcwriter import WARCWriter
 

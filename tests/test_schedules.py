@@ -163,7 +163,8 @@ def test_a_sweep_of_cooldown_branches_from_one_checkpoint(tmp_path, tiny_data):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = sorted((tmp_path / "runs" / "cool" / "multirun").glob("[0-9]"))
+    jobs = sorted((tmp_path / "runs" / "cool" / "multirun").glob("[0-9]_*"))  # <job>_<swept overrides>
+    assert [j.name for j in jobs] == ["0_optim.cooldown_steps=2", "1_optim.cooldown_steps=3"]
     assert [json.loads((j / "result.json").read_text())["global_step"] for j in jobs] == [6, 7]
     main = (tmp_path / "runs" / "main" / "samples" / "rank0.txt").read_text().splitlines()
     for job, n in zip(jobs, (2, 3), strict=True):
