@@ -359,7 +359,8 @@ def test_fsdp_run_samples_then_consolidated_checkpoint_generates_and_evaluates(t
     lm = load_model(consolidated)
     (row,) = generate_text(lm, ["The"], 5)
     assert len(row["tokens"]) >= 1
-    proc = run_cli("llmforge.evaluate", str(consolidated), f"data={tiny_data}", "--no-progress", cwd=tmp_path)
+    args = (str(consolidated), f"data={tiny_data}", "--limit-batches", "20", "--no-progress")  # of 306
+    proc = run_cli("llmforge.evaluate", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((run_dir / "eval" / "last.consolidated-val.json").read_text())
     assert math.isfinite(saved["loss"]) and saved["batch_size"] == 2
