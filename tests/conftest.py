@@ -194,8 +194,8 @@ def ddp_three_steps(tmp_path: Path, tiny_data: Path, objective: str) -> dict:
 
 
 # -- 2-process runs shared by several tests -------------------------------------------------------------
-# Each 2-rank job pays ~8 s of start-up (two interpreters importing torch and Lightning, gloo's rendezvous)
-# before its first step, so the runs below are started once per session and read by several tests. Their
+# Each 2-rank job pays for two interpreters importing torch and Lightning and for gloo's rendezvous before
+# its first step, so the runs below are started once per session and read by several tests. Their
 # directories are read-only for those tests: a test that must write there works on a copy.
 
 # The reference runs (tests/test_fsdp.py::test_fsdp_ddp_and_one_process_agree_...): what FSDP, DDP and one
@@ -312,8 +312,9 @@ def random_windows(
 OUTPUTS = ("manifest.json", "tokenizer.json", "*.bin", "*.idx")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def crawl(tmp_path_factory) -> Path:
+    """8 modules' demo crawl (4 WARC files), made once: read-only input of the executors' tests."""
     out = tmp_path_factory.mktemp("crawl")
     subprocess.run(
         [sys.executable, "-m", "llmforge.prep.demo_warc", str(out), "--modules", "8"],
@@ -321,6 +322,26 @@ def crawl(tmp_path_factory) -> Path:
         env=clean_env(),
         capture_output=True,
     )
+    return out
+
+
+def crawl_args(crawl: Path) -> list[str]:
+    """``python -m llmforge.prepare`` of the crawl as the executors' tests run it (output_dir left out)."""
+    return [
+        f"input={crawl}/*.warc.gz",
+        "tokenizer.vocab_size=600",
+        "tokenizer.num_sentinels=8",
+        "progress=false",
+        "filters.language.enabled=false",
+    ]
+
+
+@pytest.fixture(scope="session")
+def crawl_local(crawl, tmp_path_factory) -> Path:
+    """`crawl_args` with the local executor, made once: the output SLURM's and Ray's must equal."""
+    out = tmp_path_factory.mktemp("crawl-local") / "local"
+    proc = run_cli("llmforge.prepare", *crawl_args(crawl), f"output_dir={out}", cwd=out.parent, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
