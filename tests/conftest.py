@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -182,13 +183,105 @@ def ddp_three_steps(tmp_path: Path, tiny_data: Path, objective: str) -> dict:
     from llmforge.curves import read_scalars
 
     name = f"{objective}-ddp"
-    run_dir = train_two_processes(tmp_path, tiny_data, name, f"objective={objective}", "strategy=ddp",
-                                  "data.batch_size=3")
+    run_dir = train_two_processes(
+        tmp_path, tiny_data, name, f"objective={objective}", "strategy=ddp", "data.batch_size=3"
+    )
     scalars = read_scalars(run_dir)
     assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(scalars)
     ck = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert ck["ShardDataModule"]["cursor"] == 3 * 3 * 2
     return ck
+
+
+# -- 2-process runs shared by several tests -------------------------------------------------------------
+# Each 2-rank job pays for two interpreters importing torch and Lightning and for gloo's rendezvous before
+# its first step, so the runs below are started once per session and read by several tests. Their
+# directories are read-only for those tests: a test that must write there works on a copy.
+
+# The reference runs (tests/test_fsdp.py::test_fsdp_ddp_and_one_process_agree_...): what FSDP, DDP and one
+# process share -- the same data and global batch (2 ranks x 2 = 1 process x 4), a checkpoint every 2 steps,
+# 4 steps (the LR schedule's horizon is set: a run stopped at step 2 and resumed follows the same LR).
+REFERENCE = (
+    "debug=fast",
+    "optim.decay_steps=4",
+    "trainer.ckpt_every_n_steps=2",
+    "trainer.val_check_interval=100",
+    "optim.lr=1e-2",
+    "optim.warmup_steps=0",
+)
+
+
+def reference_cli(tiny_data: Path) -> tuple[str, ...]:
+    """The reference runs' command-line part: two ranks of batch 2 on the tiny data, activation
+    checkpointing, the initial weights saved, the live model's logits on a probe recorded at the end."""
+    return (
+        "model=tiny",
+        f"data.path={tiny_data}",
+        "data.seq_len=32",
+        "data.batch_size=2",
+        "hardware.devices=2",
+        "strategy.activation_checkpointing=true",
+        "callbacks.guard.save_initial=true",  # a checkpoint before the first step (see FSDPStrategy)
+        "+callbacks.probe._target_=tests.test_fsdp.RecordLogits",
+    )
+
+
+@dataclass(frozen=True)
+class SharedRun:
+    """A finished run (read-only): where it ran (``cwd``), its run directory, the CLI calls it took."""
+
+    cwd: Path
+    run_dir: Path
+    procs: tuple[subprocess.CompletedProcess, ...]
+
+
+def cli_ok(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    proc = run_cli(module, *args, cwd=cwd, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def fsdp_run(tmp_path_factory, tiny_data) -> SharedRun:
+    """The FSDP2 reference run (clm, 2 ranks): 2 steps, then continued to 4 with ``resume=auto`` from its
+    sharded checkpoint; SampleText at every step (rank 0 writes, every rank gathers); its sharded
+    ``last.ckpt`` then consolidated by ``python -m llmforge.consolidate`` (``last.consolidated.ckpt``).
+    Read by tests/test_train.py, test_fsdp.py and test_generate.py."""
+    cwd = tmp_path_factory.mktemp("fsdp-run")
+    args = (
+        *REFERENCE,
+        *reference_cli(tiny_data),
+        "strategy=fsdp",
+        "name=fsdp",
+        "callbacks.sample_text.every_n_steps=1",
+        "callbacks.sample_text.max_new_tokens=5",
+    )
+    first = cli_ok("llmforge.train", *args, "trainer.max_steps=2", cwd=cwd)
+    second = cli_ok("llmforge.train", *args, "trainer.max_steps=4", "resume=auto", cwd=cwd)
+    run_dir = cwd / "runs" / "fsdp"
+    consolidated = cli_ok("llmforge.consolidate", str(run_dir / "checkpoints" / "last.ckpt"), cwd=cwd)
+    return SharedRun(cwd, run_dir, (first, second, consolidated))
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory, tiny_data) -> SharedRun:
+    """The DDP reference run (clm, 2 ranks, 4 steps) into an explicit ``run_dir`` outside its working
+    directory; each rank records the windows it trained on (``samples/rank{r}.txt``) and its listening
+    addresses (``listeners.{r}.json``). Read by tests/test_train.py, test_fsdp.py and test_run_safety.py."""
+    cwd = tmp_path_factory.mktemp("ddp-cwd")
+    run_dir = tmp_path_factory.mktemp("ddp-run") / "run"
+    proc = cli_ok(
+        "llmforge.train",
+        *REFERENCE,
+        *reference_cli(tiny_data),
+        "trainer.max_steps=4",
+        "strategy=ddp",
+        f"run_dir={run_dir}",
+        "+callbacks.samples._target_=llmforge.callbacks.SampleIndexRecorder",
+        "+callbacks.net._target_=tests.test_run_safety.RecordListeners",
+        cwd=cwd,
+    )
+    return SharedRun(cwd, run_dir, (proc,))
 
 
 def random_windows(
@@ -219,8 +312,9 @@ def random_windows(
 OUTPUTS = ("manifest.json", "tokenizer.json", "*.bin", "*.idx")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def crawl(tmp_path_factory) -> Path:
+    """8 modules' demo crawl (4 WARC files), made once: read-only input of the executors' tests."""
     out = tmp_path_factory.mktemp("crawl")
     subprocess.run(
         [sys.executable, "-m", "llmforge.prep.demo_warc", str(out), "--modules", "8"],
@@ -228,6 +322,26 @@ def crawl(tmp_path_factory) -> Path:
         env=clean_env(),
         capture_output=True,
     )
+    return out
+
+
+def crawl_args(crawl: Path) -> list[str]:
+    """``python -m llmforge.prepare`` of the crawl as the executors' tests run it (output_dir left out)."""
+    return [
+        f"input={crawl}/*.warc.gz",
+        "tokenizer.vocab_size=600",
+        "tokenizer.num_sentinels=8",
+        "progress=false",
+        "filters.language.enabled=false",
+    ]
+
+
+@pytest.fixture(scope="session")
+def crawl_local(crawl, tmp_path_factory) -> Path:
+    """`crawl_args` with the local executor, made once: the output SLURM's and Ray's must equal."""
+    out = tmp_path_factory.mktemp("crawl-local") / "local"
+    proc = run_cli("llmforge.prepare", *crawl_args(crawl), f"output_dir={out}", cwd=out.parent, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 

@@ -20,7 +20,7 @@ from llmforge.models.transformer import Transformer, TransformerConfig
 from llmforge.objectives.base import checkpoint_activations, fsdp_mixed_precision
 from llmforge.objectives.clm import CausalLM
 from llmforge.training import run
-from tests.conftest import run_cli
+from tests.conftest import REFERENCE, reference_cli, run_cli
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -224,42 +224,19 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.slow
 def test_fsdp_ddp_and_one_process_agree_and_consolidated_checkpoint_loads_and_resumes(
-    tmp_path, tiny_data, train_cfg
+    tmp_path, tiny_data, train_cfg, fsdp_run, ddp_run
 ):
-    """Same data and global batch (2 ranks x 2 = 1 process x 4): FSDP2 (with activation checkpointing),
-    DDP and one process reach the same weights; the consolidated FSDP checkpoint holds exactly the weights
-    of the sharded model, and is an ordinary checkpoint: loaded by the objective and resumed."""
-    common = (
-        "debug=fast",
-        "trainer.max_steps=4",
-        "trainer.ckpt_every_n_steps=2",
-        "trainer.val_check_interval=100",
-        "optim.lr=1e-2",
-        "optim.warmup_steps=0",
-    )
-    cli = (
-        "model=tiny",
-        f"data.path={tiny_data}",
-        "data.seq_len=32",
-        "data.batch_size=2",
-        "hardware.devices=2",
-        "strategy.activation_checkpointing=true",
-        "callbacks.guard.save_initial=true",  # a checkpoint before the first step (see FSDPStrategy)
-        "+callbacks.probe._target_=tests.test_fsdp.RecordLogits",
-    )
-    for name in ("fsdp", "ddp"):
-        proc = run_cli(
-            "llmforge.train", *common, *cli, f"strategy={name}", f"name={name}", cwd=tmp_path, timeout=600
-        )
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    """Same data and global batch (2 ranks x 2 = 1 process x 4): FSDP2 (with activation checkpointing;
+    stopped at step 2 and resumed from its sharded checkpoint), DDP and one process reach the same weights;
+    the consolidated FSDP checkpoint holds exactly the weights of the sharded model, and is an ordinary
+    checkpoint: loaded by the objective and resumed. (The two reference runs: tests/conftest.py.)"""
+    common = (*REFERENCE, "trainer.max_steps=4")
     single = run(train_cfg(*common, run_dir=tmp_path / "single"))  # batch 4, one process
 
-    ckpts = tmp_path / "runs" / "fsdp" / "checkpoints"
+    ckpts = fsdp_run.run_dir / "checkpoints"
     assert (ckpts / "last.ckpt").is_dir()
-    proc = run_cli("llmforge.consolidate", str(ckpts / "last.ckpt"), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    fsdp = torch.load(ckpts / "last.consolidated.ckpt", weights_only=False)
-    ddp = torch.load(tmp_path / "runs" / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)
+    fsdp = torch.load(ckpts / "last.consolidated.ckpt", weights_only=False)  # python -m llmforge.consolidate
+    ddp = torch.load(ddp_run.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     one = torch.load(single.last_checkpoint, weights_only=False)
     one_mid = torch.load(single.run_dir / "checkpoints" / "step0000002.ckpt", weights_only=False)
     assert fsdp["state_dict"].keys() == ddp["state_dict"].keys() == one["state_dict"].keys()
@@ -268,7 +245,7 @@ def test_fsdp_ddp_and_one_process_agree_and_consolidated_checkpoint_loads_and_re
     assert fsdp["hyper_parameters"] == ddp["hyper_parameters"]
 
     # consolidation is exact: a plain module from the single file computes what the sharded model computed
-    live = torch.load(tmp_path / "runs" / "fsdp" / "probe_logits.pt")
+    live = torch.load(fsdp_run.run_dir / "probe_logits.pt")
     torch.testing.assert_close(logits_of(fsdp), live, rtol=1e-6, atol=1e-6)
     # the three strategies agree to float noise (~1e-5), far below what the last two steps changed (~1);
     # AdamW took 4 steps everywhere (no phantom step from the FSDP checkpoint saved before the first one)
@@ -296,7 +273,13 @@ def test_fsdp_ddp_and_one_process_agree_and_consolidated_checkpoint_loads_and_re
 
     # ... and under FSDP again (Lightning maps the single file's optimizer ids to the model's parameters)
     proc = run_cli(
-        "llmforge.train", *common, *cli, "strategy=fsdp", f"resume={mid}", "name=fsdp-again", cwd=tmp_path
+        "llmforge.train",
+        *common,
+        *reference_cli(tiny_data),
+        "strategy=fsdp",
+        f"resume={mid}",
+        "name=fsdp-again",
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     again = consolidate(tmp_path / "runs" / "fsdp-again" / "checkpoints" / "last.ckpt")

@@ -340,34 +340,27 @@ def test_hugging_face_directory_gives_the_same_tokens_as_hf_generate(clm_run, ti
 
 
 @pytest.mark.slow
-def test_fsdp_run_samples_then_consolidated_checkpoint_generates_and_evaluates(tmp_path, tiny_data):
-    """strategy=fsdp on 2 processes: SampleText gathers the sharded weights on every rank (no hang) and
-    rank 0 writes; the sharded checkpoint is refused with the consolidate command, the consolidated one
-    generates and evaluates."""
+def test_fsdp_run_samples_then_consolidated_checkpoint_generates_and_evaluates(tmp_path, tiny_data, fsdp_run):
+    """strategy=fsdp on 2 processes (tests/conftest.py `fsdp_run`: 2 steps, resumed to 4): SampleText
+    gathers the sharded weights on every rank (no hang) and rank 0 writes; the sharded checkpoint is refused
+    with the consolidate command, the consolidated one generates and evaluates."""
     from tests.conftest import run_cli
     from tests.test_sample_text import text_events
 
-    proc = run_cli(
-        "llmforge.train", "strategy=fsdp", "hardware.devices=2", "debug=fast", "trainer.max_steps=2",
-        "model=tiny", f"data.path={tiny_data}", "data.seq_len=32", "data.batch_size=2", "name=fsdp",
-        "callbacks.sample_text.every_n_steps=1", "callbacks.sample_text.max_new_tokens=5",
-        cwd=tmp_path, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run_dir = tmp_path / "runs" / "fsdp"
+    run_dir = tmp_path / "fsdp"
+    shutil.copytree(fsdp_run.run_dir, run_dir)  # the evaluation writes into the run directory
     texts = text_events(run_dir)
-    assert sorted(texts["samples/clm"]) == [1, 2]
+    assert sorted(texts["samples/clm"]) == [1, 2, 3, 4]
     sharded = run_dir / "checkpoints" / "last.ckpt"
     assert sharded.is_dir()
     with pytest.raises(ValueError, match="python -m llmforge.consolidate"):
         load_model(run_dir)
-    proc = run_cli("llmforge.consolidate", str(sharded), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    consolidated = run_dir / "checkpoints" / "last.consolidated.ckpt"
+    consolidated = run_dir / "checkpoints" / "last.consolidated.ckpt"  # python -m llmforge.consolidate
     lm = load_model(consolidated)
     (row,) = generate_text(lm, ["The"], 5)
     assert len(row["tokens"]) >= 1
-    proc = run_cli("llmforge.evaluate", str(consolidated), f"data={tiny_data}", "--no-progress", cwd=tmp_path)
+    args = (str(consolidated), f"data={tiny_data}", "--limit-batches", "20", "--no-progress")  # of 306
+    proc = run_cli("llmforge.evaluate", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((run_dir / "eval" / "last.consolidated-val.json").read_text())
     assert math.isfinite(saved["loss"]) and saved["batch_size"] == 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import clean_env, outputs, run_cli
+from tests.conftest import clean_env, crawl_args, outputs
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -49,16 +49,8 @@ def address() -> str:
     pytest.skip(problem)
 
 
-def test_prepare_on_ray_matches_local(address, crawl, tmp_path):
-    common = [
-        f"input={crawl}/*.warc.gz",
-        "tokenizer.vocab_size=600",
-        "tokenizer.num_sentinels=8",
-        "progress=false",
-        "filters.language.enabled=false",
-    ]
-    local = run_cli("llmforge.prepare", *common, f"output_dir={tmp_path}/local", cwd=tmp_path, timeout=300)
-    assert local.returncode == 0, local.stderr[-3000:]
+def test_prepare_on_ray_matches_local(address, crawl, crawl_local, tmp_path):
+    common = crawl_args(crawl)
     # dedup as 3 tasks a stage on Ray (1 locally): the same bytes whatever the split
     cmd = [sys.executable, "-m", "llmforge.prepare", *common, f"output_dir={tmp_path}/ray", "executor=ray",
            f"executor.address={address}", "dedup.tasks=3"]
@@ -66,7 +58,7 @@ def test_prepare_on_ray_matches_local(address, crawl, tmp_path):
                               stderr=subprocess.PIPE, text=True)
     stdout, stderr = driver.communicate(timeout=300)
     assert driver.returncode == 0, (stdout + stderr)[-4000:]
-    expected = outputs(tmp_path / "local")
+    expected = outputs(crawl_local)
     assert len(expected) >= 6 and outputs(tmp_path / "ray") == expected
     # every shard ran as a Ray task, in a worker process of the head, not in the driver
     logs = sorted((tmp_path / "ray" / "logs" / "process").glob("*.json"))

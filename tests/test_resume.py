@@ -169,7 +169,7 @@ def batches(run_dir: Path, rank: int) -> list[list[int]]:
 
 @pytest.mark.parametrize(
     ("kind", "worlds"),
-    [("single", (2, 1)), ("single", (1, 2)), ("mixture", (1, 2, 1))],  # the mixture: both changes, one run
+    [("single", (2, 1, 2)), ("mixture", (1, 2, 1))],  # both changes in one run: 2 -> 1 and 1 -> 2
 )
 def test_elastic_resume_continues_the_sample_stream(tmp_path, request, kind, worlds):
     """3 steps on worlds[0] processes, then 3 more on each next world size (DDP on gloo when 2), resuming

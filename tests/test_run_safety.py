@@ -291,30 +291,18 @@ class RecordListeners(L.Callback):
 
 
 @pytest.mark.slow
-def test_single_node_ddp_listens_on_loopback_only(tmp_path, tiny_data):
+def test_single_node_ddp_listens_on_loopback_only(ddp_run):
+    """The 2-rank DDP run of tests/conftest.py (`ddp_run`: run_dir= given, outside its working directory)."""
     import json
 
-    from tests.conftest import run_cli
-
-    run_dir = tmp_path / "run"
-    args = [
-        f"data.path={tiny_data}",
-        f"run_dir={run_dir}",
-        "debug=fast",
-        "data.seq_len=32",
-        "strategy=ddp",
-        "hardware.devices=2",
-        "+callbacks.net._target_=tests.test_run_safety.RecordListeners",
-    ]
-    proc = run_cli("llmforge.train", *args, cwd=tmp_path, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = ddp_run.run_dir
     rank0 = json.loads((run_dir / "listeners.0.json").read_text())
     rank1 = json.loads((run_dir / "listeners.1.json").read_text())
     assert rank0, "rank 0 hosts the rendezvous store: it listens"
     loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
     assert set(rank0) | set(rank1) <= loopback, (rank0, rank1)
     assert (run_dir / "train_ddp_process_1.log").is_file()  # item 7: rank 1's log is in the run dir too
-    assert not (tmp_path / "runs").exists()
+    assert not (ddp_run.cwd / "runs").exists()
 
 
 def test_loopback_rendezvous_restores_the_environment(monkeypatch):

@@ -19,7 +19,7 @@ import lightning as L
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import clean_env, outputs, run_cli
+from tests.conftest import clean_env, crawl_args, outputs, run_cli
 
 pytestmark = pytest.mark.slurm
 
@@ -189,19 +189,10 @@ def test_requeue_signal_checkpoints_requeues_and_resumes(tmp_path, tiny_data, jo
 
 
 @pytest.mark.slow
-def test_prepare_slurm_executor_matches_local(tmp_path, crawl, job_name):
-    common = [
-        f"input={crawl}/*.warc.gz",
-        "tokenizer.vocab_size=600",
-        "tokenizer.num_sentinels=8",
-        "progress=false",
-        "filters.language.enabled=false",
-    ]
-    local = run_cli("llmforge.prepare", *common, f"output_dir={tmp_path}/local", cwd=tmp_path, timeout=300)
-    assert local.returncode == 0, local.stderr[-3000:]
+def test_prepare_slurm_executor_matches_local(tmp_path, crawl, job_name, crawl_local):
     on_slurm = run_cli(
         "llmforge.prepare",
-        *common,
+        *crawl_args(crawl),
         f"output_dir={tmp_path}/slurm",
         "executor=slurm",
         "executor.slurm.cpus_per_task=1",
@@ -212,7 +203,7 @@ def test_prepare_slurm_executor_matches_local(tmp_path, crawl, job_name):
         timeout=300,
     )
     assert on_slurm.returncode == 0, (on_slurm.stdout + on_slurm.stderr)[-4000:]
-    expected = outputs(tmp_path / "local")
+    expected = outputs(crawl_local)
     assert len(expected) >= 6 and outputs(tmp_path / "slurm") == expected
     # the shards really ran as SLURM array tasks: one submitit result per input file (4) plus global stages
     results = list((tmp_path / "slurm" / "work" / "slurm").glob("*_result.pkl"))

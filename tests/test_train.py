@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from llmforge.curves import plot, read_scalars
 from llmforge.training import run
 from tests.conftest import PRECISIONS, run_cli
+from tests.test_resume import all_scalars
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -106,24 +107,8 @@ def test_cli_end_to_end(tmp_path, tiny_data):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_see_disjoint_data(tmp_path, tiny_data):
-    proc = run_cli(
-        "llmforge.train",
-        "strategy=ddp",
-        "hardware.devices=2",
-        "debug=fast",
-        "trainer.max_steps=4",
-        "model=tiny",
-        f"data.path={tiny_data}",
-        "data.seq_len=32",
-        "data.batch_size=3",
-        "name=ddp",
-        "+callbacks.samples._target_=llmforge.callbacks.SampleIndexRecorder",
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run_dir = tmp_path / "runs" / "ddp"
+def test_ddp_two_processes_see_disjoint_data(ddp_run):
+    run_dir = ddp_run.run_dir  # 4 steps, batches of 2 per rank (tests/conftest.py)
     ranks = [
         [
             set(map(int, line.split()))
@@ -133,34 +118,23 @@ def test_ddp_two_processes_see_disjoint_data(tmp_path, tiny_data):
     ]
     assert len(ranks[0]) == len(ranks[1]) == 4
     all0, all1 = set().union(*ranks[0]), set().union(*ranks[1])
-    assert len(all0) == len(all1) == 12 and not all0 & all1
+    assert len(all0) == len(all1) == 8 and not all0 & all1
     ck = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert ck["ShardDataModule"]["cursor"] == 4 * 3 * 2
+    assert ck["ShardDataModule"]["cursor"] == 4 * 2 * 2
     assert "train/loss" in read_scalars(run_dir)
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_train_save_and_resume(tmp_path, tiny_data):
-    common = (
-        "strategy=fsdp",
-        "hardware.devices=2",
-        "debug=fast",
-        "model=tiny",
-        f"data.path={tiny_data}",
-        "data.seq_len=32",
-        "name=fsdp",
-        "optim.decay_steps=4",
-    )
-    first = run_cli("llmforge.train", *common, "trainer.max_steps=2", cwd=tmp_path, timeout=600)
-    assert first.returncode == 0, first.stderr[-4000:]
-    last = tmp_path / "runs" / "fsdp" / "checkpoints" / "last.ckpt"
-    assert last.is_dir() and any(last.iterdir())  # sharded: one directory of per-rank files
-    second = run_cli(
-        "llmforge.train", *common, "trainer.max_steps=4", "resume=auto", cwd=tmp_path, timeout=600
-    )
-    assert second.returncode == 0, second.stderr[-4000:]
-    steps = dict(read_scalars(tmp_path / "runs" / "fsdp")["train/loss"])
+def test_fsdp_two_processes_train_save_and_resume(fsdp_run):
+    """2 steps, then ``resume=auto`` to 4 from the sharded checkpoint (tests/conftest.py `fsdp_run`)."""
+    ckpts = fsdp_run.run_dir / "checkpoints"
+    for name in ("step0000002.ckpt", "last.ckpt"):  # the first run's last, and the second's
+        assert (ckpts / name).is_dir() and any((ckpts / name).iterdir())  # sharded: per-rank files
+    steps = dict(read_scalars(fsdp_run.run_dir)["train/loss"])
     assert sorted(steps) == [0, 1, 2, 3]
+    # resumed, not restarted: each step was logged once, across both runs' event files
+    logged = all_scalars(fsdp_run.run_dir, "train/loss")
+    assert {step: len(values) for step, values in logged.items()} == dict.fromkeys(range(4), 1)
 
 
 def test_gradient_accumulation_advances_cursor_per_micro_batch(train_cfg):
