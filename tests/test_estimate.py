@@ -128,6 +128,7 @@ def test_memory_by_hand_7b_bf16_mixed():
         seq_len=s,
         batch_size=1,
         activation_checkpointing=False,
+        objective={"name": "clm", "fused_ce": False},  # the plain head
     )
     assert (ddp.weights, ddp.working_copy, ddp.grads, ddp.optimizer, ddp.comm) == (
         4 * n,
@@ -140,6 +141,23 @@ def test_memory_by_hand_7b_bf16_mixed():
     assert ddp.logits == logits * s
     assert ddp.total == 22 * n + L * per_layer * s + logits * s
     assert ddp.total / 1e9 == pytest.approx(179.0, abs=0.1)
+    # the chunked head (objective.fused_ce, the default): per token the norm's fp32 tensors and three
+    # bf16 vectors (input, its gradient, the scaled copy); the head's fp32 gradient, one chunk's product,
+    # its fp32 copy and the weight's bf16 copy; one chunk of 1024 tokens (4096 x 4096 / 32000 -> a power
+    # of two) x vocabulary: fp32 logits, log-sum-exp's temporary, the bf16 matmul output
+    fused = memory_per_gpu(
+        cfg,
+        strategy="ddp",
+        num_gpus=8,
+        precision="bf16-mixed",
+        seq_len=s,
+        batch_size=1,
+        activation_checkpointing=False,
+    )
+    assert fused.logits == s * (8 * h + 3 * 2 * h) + v * h * (4 + 4 + 2 + 2) + 1024 * v * (4 + 4 + 2)
+    assert fused.total == 22 * n + L * per_layer * s + fused.logits
+    # one sequence of 4096: the head's weight-sized buffers (12 bytes an entry) outweigh the saved logits
+    assert fused.logits > ddp.logits
     fsdp = memory_per_gpu(
         cfg,
         strategy="fsdp",
@@ -183,6 +201,7 @@ def test_short_sequences_peak_at_the_optimizer_step():
     cfg = TransformerConfig(name="1b", vocab_size=32000, d_model=2048, n_layers=16, n_heads=16)
     n = num_params(cfg)
     kw = dict(precision="bf16-mixed", seq_len=128, batch_size=1, activation_checkpointing=False)
+    kw |= dict(objective={"name": "clm", "fused_ce": False})  # the chunked head's buffers are weight-sized
     ddp = memory_per_gpu(cfg, strategy="ddp", num_gpus=2, **kw)
     assert ddp.peak == "optimizer step" and ddp.total == (4 + 4 + 8 + 4 + 4) * n
     fsdp = memory_per_gpu(cfg, strategy="fsdp", num_gpus=2, **kw)
@@ -281,9 +300,10 @@ def test_objectives_flops_params_and_lengths():
         assert estimate(name, objective="denoise").params == pytest.approx(encdec_params, rel=1e-3)
     cfg = TransformerConfig(name="x", vocab_size=32000, d_model=768, n_layers=12, n_heads=12)
     kw = dict(strategy="ddp", num_gpus=1, precision="bf16-mixed", seq_len=1024, batch_size=2)
-    clm = memory_per_gpu(cfg, activation_checkpointing=False, objective="clm", **kw)
+    plain = {"fused_ce": False}  # the plain head: logits memory in proportion to the predicted positions
+    clm = memory_per_gpu(cfg, activation_checkpointing=False, objective={"name": "clm", **plain}, **kw)
     mlm = memory_per_gpu(
-        cfg, activation_checkpointing=False, objective={"name": "mlm", "mask_prob": 0.25}, **kw
+        cfg, activation_checkpointing=False, objective={"name": "mlm", "mask_prob": 0.25, **plain}, **kw
     )
     assert mlm.activations == clm.activations and mlm.logits == pytest.approx(0.25 * clm.logits)
     t5 = memory_per_gpu(cfg, activation_checkpointing=False, objective="denoise", **kw)

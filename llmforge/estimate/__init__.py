@@ -51,8 +51,13 @@ What is computed, and from where:
     one block's activations are recomputed at a time. The loss peaks in its backward: the fp32
     log-probabilities, their gradient and the fp32 logits' gradient, plus its 16-bit cast when the head
     runs in 16-bit: s * b * V * (12 + 2) bytes (12 in fp32). That is the plain head
-    (``objective.fused_ce=false``); the trainer's default chunked loss holds one chunk's logits at a
-    time, so for it this column errs high (not yet modelled).
+    (``objective.fused_ce=false``). The trainer's default chunked loss (``fused_ce=true``, also the
+    estimate's default) computes the gradients in its forward, one chunk of c tokens at a time
+    (`memory.fused_head_bytes`): per predicted token the norm's fp32 tensors and three h-vectors at the
+    activation dtype (input, gradient, scaled copy); per head weight entry 8 bytes (its fp32 gradient and
+    one chunk's fp32 product) plus the 16-bit product and weight copy under mixed precision (12, or 10 in
+    bf16-true); c * V * (8 + 2) bytes of chunk logits. With few predicted tokens (one short sequence, or
+    mlm's masked share) the weight-sized buffers make it larger than the plain head's.
   * ``objective=mlm`` (encoder): the same blocks; the head and the loss on ``mask_prob`` of the
     positions. ``objective=denoise`` (encoder-decoder, T5 span corruption's input and target lengths
     of a ``seq_len`` window): encoder blocks on the inputs; decoder blocks on the targets, each adding

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from llmforge.config import DenoiseConfig, MaskedLMConfig
+from llmforge.config import DenoiseConfig, MaskedLMConfig, ObjectiveConfig
 
 TOKENS_PER_PARAM = 20.0  # Chinchilla's compute-optimal ratio
 OBJECTIVES = {"clm": "decoder", "mlm": "encoder", "denoise": "encdec"}
@@ -21,6 +21,7 @@ class Objective:
     variant: str = DenoiseConfig.variant  # denoise: span (T5) | infill (BART)
     noise_density: float = DenoiseConfig.noise_density
     mean_span_length: float = DenoiseConfig.mean_span_length
+    fused_ce: bool = ObjectiveConfig.fused_ce  # the chunked head: no logits of the whole micro-batch
 
     @property
     def arch(self) -> str:

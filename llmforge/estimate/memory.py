@@ -1,5 +1,6 @@
 """Memory per GPU of a training run: model states, DDP buckets or FSDP units in flight, activations
-(with or without activation checkpointing), logits and the optimizer step's temporaries (formulas in
+(with or without activation checkpointing), the head and loss (the logits, or the chunked head's working
+set with ``objective.fused_ce``) and the optimizer step's temporaries (formulas in
 the `llmforge.estimate` docstring)."""
 
 from __future__ import annotations
@@ -99,6 +100,28 @@ def logits_bytes_per_token(cfg: TransformerConfig, precision: str) -> float:
     return cfg.vocab_size * (12 + cast) + 4 * 2 * cfg.d_model + b.act * cfg.d_model
 
 
+def fused_head_bytes(cfg: TransformerConfig, precision: str, tokens: float) -> float:
+    """Peak bytes of the chunked head and loss (``objective.fused_ce``, `llmforge.objectives.loss`) over
+    ``tokens`` predicted positions, as its forward computes the gradients chunk by chunk:
+
+    - per token: the final norm's saved tensors, the head's input, the input gradient the forward keeps
+      and its scaled copy in backward;
+    - per head weight entry: the fp32 weight gradient it accumulates, one chunk's contribution to it (in the
+      compute dtype, then fp32), and the weight's 16-bit copy under mixed precision;
+    - one chunk (`default_chunk` tokens) x vocabulary: fp32 logits (their gradient in place), the
+      log-sum-exp's temporary, and the 16-bit matmul output.
+    """
+    from llmforge.objectives.loss import default_chunk
+
+    b = precision_bytes(precision)
+    d, v = cfg.d_model, cfg.vocab_size
+    cast = b.act if b.act != 4 else 0  # a 16-bit compute copy
+    chunk = default_chunk(max(int(tokens), 1), v, d)
+    per_token = 4 * 2 * d + 3 * b.act * d
+    per_weight = 4 + 4 + cast + (cast if b.working else 0)
+    return tokens * per_token + v * d * per_weight + chunk * v * (8 + cast)
+
+
 def memory_per_gpu(
     cfg: TransformerConfig,
     *,
@@ -151,7 +174,10 @@ def memory_per_gpu(
     else:
         activations = cfg.n_layers * per_layer
     predicted = obj.predicted(seq_len) * batch_size
-    logits = logits_bytes_per_token(cfg, precision) * predicted
+    if obj.fused_ce:
+        logits = fused_head_bytes(cfg, precision, predicted)
+    else:
+        logits = logits_bytes_per_token(cfg, precision) * predicted
     step_temp = optim / 2  # foreach AdamW's sqrt(exp_avg_sq) list
     backward = weights + working + grads + optim + comm + activations + logits
     step = weights + grads + optim + (comm if strategy == "ddp" else 0.0) + step_temp
