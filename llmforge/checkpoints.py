@@ -525,7 +525,7 @@ def load_module(ckpt_path: str | Path, data_path: str | Path | None = None, seq_
 
 # -- continued pre-training (init_from=) ------------------------------------------------------------------
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "hidden", "tie_embeddings")
-SEMANTIC_KEYS = ("rope_theta", "norm_eps")
+SEMANTIC_KEYS = ("rope_theta", "norm_eps", "width_mult")  # width_mult: µP's scales (1 without µP)
 
 
 def init_from(module: nn.Module, source: str | Path) -> str:
@@ -583,10 +583,12 @@ def _check_shapes(
 
 
 def _override_key(key: str) -> str:
-    return {"kv_heads": "n_kv_heads", "hidden": "ffn_hidden"}.get(key, key)
+    return {"kv_heads": "n_kv_heads", "hidden": "ffn_hidden", "width_mult": "mup"}.get(key, key)
 
 
 def _override_value(cfg: TransformerConfig, key: str) -> Any:
+    if key == "width_mult":  # µP on or off, and its base width
+        return f"true model.mup_base_width={cfg.mup_base_width}" if cfg.mup else "false"
     value = getattr(cfg, key)
     return str(value).lower() if isinstance(value, bool) else value
 

@@ -237,6 +237,11 @@ def test_init_from_mismatch_names_both_shapes(train_cfg, tmp_path):
     message = str(err.value)
     assert "this run has d_model=64" in message and "the source has d_model=32" in message
     assert "model.d_model=32" in message
+    hf_tiny(tmp_path / "plain")  # a standard-parameterisation model into a µP run: its scales would differ
+    mup = ("model.n_kv_heads=2", "model.mup=true", "model.mup_base_width=32")
+    with pytest.raises(ValueError) as err:
+        run(train_cfg(f"init_from={tmp_path / 'plain'}", *mup, *FROZEN, run_dir=tmp_path / "r3"))
+    assert "this run has width_mult=2.0" in str(err.value) and "model.mup=false" in str(err.value)
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         run(train_cfg(f"init_from={tmp_path / 'missing.ckpt'}", *FROZEN, run_dir=tmp_path / "r2"))
 

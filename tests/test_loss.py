@@ -278,3 +278,44 @@ def test_z_loss_is_logged_beside_the_cross_entropy(train_cfg, tmp_path, objectiv
 def test_z_loss_must_not_be_negative(train_cfg):
     with pytest.raises(ValueError, match="objective.z_loss"):
         run(train_cfg("debug=fast", "objective.z_loss=-1"))
+
+
+def test_fp16_head_gradient_keeps_the_small_softmax_terms():
+    """fp16 with a loss scale: the mean's 1 / count is applied with the upstream gradient, so the softmax part
+    of the head's gradient (about 1 / (V N) per entry, below fp16's smallest subnormal) does not vanish."""
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 8192, 16, 4096
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(v, d, generator=g) * 0.1
+    labels = torch.randint(0, 100, (n,), generator=g)  # rows 100.. of the head are never a target
+    grads = {}
+    for dtype in (torch.float32, torch.float16):
+        h = hidden.to(dtype).detach().requires_grad_()
+        w = weight.to(dtype).detach().requires_grad_()
+        chunked_loss(h, w, labels).loss.backward(torch.tensor(1024.0))  # a loss scale, as fp16 AMP's
+        grads[dtype] = (h.grad.float(), w.grad.float())
+    (h32, w32), (h16, w16) = grads[torch.float32], grads[torch.float16]
+    assert w32[100:].abs().max() > 0 and (w16[100:] != 0).float().mean() > 0.99
+    # fp16 rounding only (before the 1 / count moved to backward, the softmax-only rows were all 0)
+    for got, want in ((w16[100:], w32[100:]), (w16, w32), (h16, h32)):
+        assert (got - want).norm() < 0.01 * want.norm()
+
+
+def test_no_gradient_work_without_grad_mode():
+    """Under no_grad (validation, evaluation) the chunked head runs one matmul per chunk (the logits) and
+    none for the gradients it would otherwise compute in its forward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    hidden, weight = torch.randn(1024, 32), torch.nn.Parameter(torch.randn(500, 32))
+    labels = torch.arange(1024) % 500
+
+    def matmuls(grad: bool) -> int:
+        with torch.set_grad_enabled(grad), profile(activities=[ProfilerActivity.CPU]) as prof:
+            chunked_loss(hidden, weight, labels, chunk=256)
+        kinds = ("aten::mm", "aten::matmul", "aten::addmm")
+        return sum(e.count for e in prof.key_averages() if e.key in kinds)
+
+    assert matmuls(False) < matmuls(True)
+    with torch.no_grad():
+        loss = chunked_loss(hidden, weight, labels, chunk=256).loss
+    torch.testing.assert_close(loss, logits_loss(hidden @ weight.t(), labels).loss)

@@ -166,6 +166,7 @@ def test_mixture_run_validates_per_source_and_resumes_with_changed_weights(tiny_
         "trainer.val_check_interval=3",
         "trainer.limit_val_batches=2",
         "trainer.log_every_n_steps=1",
+        "objective.z_loss=0.5",  # large: a per-source loss that kept the z-loss term would show it
     ]
     result = run(compose_train(mixture_overrides(tiny_mixture) + common + ["trainer.max_steps=3"]))
     assert result.global_step == 3
@@ -201,6 +202,8 @@ def test_mixture_run_validates_per_source_and_resumes_with_changed_weights(tiny_
     assert set(scored["sources"]) == {"web", "code"} and scored["sources"]["code"]["bpb"] > 0
     mixed = 0.7 * scored["sources"]["web"]["loss"] + 0.3 * scored["sources"]["code"]["loss"]
     assert scored["loss"] == pytest.approx(mixed)
+    # the in-loop per-source losses are the cross-entropy, as the evaluator's (same batches, same weights)
+    assert (web, code) == pytest.approx((scored["sources"]["web"]["loss"], scored["sources"]["code"]["loss"]))
 
     # resumed with other weights: a new segment at cursor 12 whose offsets are the draws made so far
     resumed = run(

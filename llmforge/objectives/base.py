@@ -252,7 +252,7 @@ class PretrainModule(L.LightningModule):
             metric.update(extra[key].detach().float(), weight=n_tokens)
         if self.val_sources:
             name = list(self.val_sources)[dataloader_idx]
-            self.source_nats[name].update(loss.detach().double() * n_tokens)
+            self.source_nats[name].update(ce.double() * n_tokens)  # cross-entropy, without the z-loss
             self.source_tokens[name].update(float(n_tokens))
             self.source_bytes[name].update(self.scored_bytes(batch))
 

@@ -73,7 +73,7 @@ def default_chunk(tokens: int, vocab: int, dim: int) -> int:
 
 class _ChunkedLinearCE(torch.autograd.Function):
     """(hidden (N, d), weight (V, d), labels (N,)) -> (loss, ce, z, correct); the gradients of hidden and
-    weight are computed chunk by chunk in forward and scaled by the upstream gradient in backward."""
+    weight are computed chunk by chunk in forward and scaled by the upstream gradient / count in backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, z_loss: float, dtype: torch.dtype, chunk: int, accuracy: bool):
@@ -101,8 +101,10 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 correct += ((logits.argmax(dim=-1) == lc) & vc).sum()
             if not (want_h or want_w):
                 continue
-            # d/dlogits of (ce_sum + z_loss * z_sum) / count: softmax * (1 + 2 z lse) - onehot, per scored row
-            scale = vc.to(torch.float32) / denom
+            # d/dlogits of ce_sum + z_loss * z_sum: softmax * (1 + 2 z lse) - onehot, per scored row. The
+            # 1 / count of the mean is applied in backward, with the upstream gradient (fp16's loss scale):
+            # divided here, entries below fp16's smallest subnormal would vanish in the 16-bit cast
+            scale = vc.to(torch.float32)
             row = scale * (1.0 + 2.0 * z_loss * lse) if z_loss > 0 else scale
             grad = logits.sub_(lse.unsqueeze(1)).exp_().mul_(row.unsqueeze(1))
             grad.scatter_add_(1, safe, -scale.unsqueeze(1))
@@ -111,6 +113,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 grad_h[start:end] = grad @ w
             if want_w:
                 grad_w += (grad.t() @ hc).float()
+            del logits, grad  # before the next chunk's logits exist
+        ctx.denom = denom
         ce = ce_sum / denom
         z = z_loss * z_sum / denom
         ctx.save_for_backward(grad_h if want_h else torch.empty(0), grad_w if want_w else torch.empty(0))
@@ -121,8 +125,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _ce, _z, _correct):
         grad_h, grad_w = ctx.saved_tensors
-        dh = (grad_h * grad_loss).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        dw = (grad_w * grad_loss).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        factor = grad_loss / ctx.denom  # a 0-dim fp32 tensor: grad_h keeps its dtype
+        dh = (grad_h * factor).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        dw = (grad_w * factor).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
         return dh, dw, None, None, None, None, None
 
 
@@ -153,6 +158,8 @@ def chunked_loss(
     h = hidden.reshape(-1, hidden.size(-1))
     target = labels.reshape(-1)
     dtype = compute_dtype(h, weight)
+    if not torch.is_grad_enabled():  # validation, evaluation: no gradient work (the Function would do it
+        h, weight = h.detach(), weight.detach()  # for any input that requires grad, as the head's weight)
     if use_liger and h.is_cuda and not accuracy and liger_available():
         return _liger_loss(h, weight, target, z_loss, dtype)
     chunk = chunk or default_chunk(h.shape[0], weight.shape[0], h.shape[1])
