@@ -312,17 +312,22 @@ def random_windows(
 OUTPUTS = ("manifest.json", "tokenizer.json", "*.bin", "*.idx")
 
 
-@pytest.fixture(scope="session")
-def crawl(tmp_path_factory) -> Path:
-    """8 modules' demo crawl (4 WARC files), made once: read-only input of the executors' tests."""
+def demo_crawl(tmp_path_factory, modules: int) -> Path:
+    """A 4-file demo crawl of ``modules`` stdlib modules (pydoc pages and docstring articles)."""
     out = tmp_path_factory.mktemp("crawl")
     subprocess.run(
-        [sys.executable, "-m", "llmforge.prep.demo_warc", str(out), "--modules", "8"],
+        [sys.executable, "-m", "llmforge.prep.demo_warc", str(out), "--modules", str(modules)],
         check=True,
         env=clean_env(),
         capture_output=True,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def crawl(tmp_path_factory) -> Path:
+    """8 modules' demo crawl, made once: read-only input of the executors' tests."""
+    return demo_crawl(tmp_path_factory, 8)
 
 
 def crawl_args(crawl: Path) -> list[str]:

@@ -120,16 +120,10 @@ def test_memory_by_hand_7b_bf16_mixed():
     assert per_layer == 219_272
     assert activation_bytes_per_token(cfg, "bf16-mixed") == per_layer
     logits = v * (12 + 2) + 8 * h + 2 * h  # log-probs, their and the logits' gradients, its bf16 cast
+    kw = dict(strategy="ddp", num_gpus=8, precision="bf16-mixed", seq_len=s, batch_size=1)
     ddp = memory_per_gpu(
-        cfg,
-        strategy="ddp",
-        num_gpus=8,
-        precision="bf16-mixed",
-        seq_len=s,
-        batch_size=1,
-        activation_checkpointing=False,
-        objective={"name": "clm", "fused_ce": False},  # the plain head
-    )
+        cfg, activation_checkpointing=False, objective={"name": "clm", "fused_ce": False}, **kw
+    )  # the plain head
     assert (ddp.weights, ddp.working_copy, ddp.grads, ddp.optimizer, ddp.comm) == (
         4 * n,
         2 * n,
@@ -145,15 +139,7 @@ def test_memory_by_hand_7b_bf16_mixed():
     # bf16 vectors (input, its gradient, the scaled copy); the head's fp32 gradient, one chunk's product,
     # its fp32 copy and the weight's bf16 copy; one chunk of 1024 tokens (4096 x 4096 / 32000 -> a power
     # of two) x vocabulary: fp32 logits, log-sum-exp's temporary, the bf16 matmul output
-    fused = memory_per_gpu(
-        cfg,
-        strategy="ddp",
-        num_gpus=8,
-        precision="bf16-mixed",
-        seq_len=s,
-        batch_size=1,
-        activation_checkpointing=False,
-    )
+    fused = memory_per_gpu(cfg, activation_checkpointing=False, **kw)
     assert fused.logits == s * (8 * h + 3 * 2 * h) + v * h * (4 + 4 + 2 + 2) + 1024 * v * (4 + 4 + 2)
     assert fused.total == 22 * n + L * per_layer * s + fused.logits
     # one sequence of 4096: the head's weight-sized buffers (12 bytes an entry) outweigh the saved logits

@@ -17,22 +17,13 @@ from pathlib import Path
 import pytest
 
 from llmforge.data.shards import ShardSet
-from tests.conftest import clean_env, run_cli
-
-OUTPUTS = ("manifest.json", "tokenizer.json", "*.bin", "*.idx")
+from tests.conftest import OUTPUTS, clean_env, demo_crawl, run_cli
 
 
 @pytest.fixture(scope="module")
 def crawl(tmp_path_factory) -> Path:
     """A 4-file demo crawl of 24 stdlib modules (pydoc pages and docstring articles, with duplicates)."""
-    out = tmp_path_factory.mktemp("crawl")
-    subprocess.run(
-        [sys.executable, "-m", "llmforge.prep.demo_warc", str(out), "--modules", "24"],
-        check=True,
-        env=clean_env(),
-        capture_output=True,
-    )
-    return out
+    return demo_crawl(tmp_path_factory, 24)
 
 
 def prepare_args(crawl: Path, out: Path, *extra: str) -> list[str]:

@@ -642,13 +642,8 @@ class EncoderDecoder(nn.Module):
         init_weights(self, std, residual, self.cfg.width_mult**-0.5)
         reset_rope(self, self.cfg)
 
-    def head_input(self, x: torch.Tensor) -> torch.Tensor:
-        """What the head multiplies: the final norm of the decoder (times µP's output multiplier)."""
-        x = self.norm(x)
-        return x if self.cfg.width_mult == 1.0 else x * output_mult(self.cfg)
-
-    def rope(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_slice(self, t)
+    head_input = Transformer.head_input  # the final norm of the decoder (times µP's output multiplier)
+    rope = Transformer.rope
 
     def encode(
         self,
